@@ -84,6 +84,13 @@ class MaskTokConfig(LoraConfig):
         self.peft_type = MASKTOK_PEFT_TYPE
         self._validate_masktok_fields()
 
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Save `adapter_config.json` and add the masktok section to the folder's model card."""
+        super().save_pretrained(save_directory, **kwargs)
+        from .model_card import write_model_card_section
+
+        write_model_card_section(save_directory, self)
+
     def _validate_masktok_fields(self) -> None:
         if isinstance(self.max_k, bool) or not isinstance(self.max_k, int) or self.max_k < 1:
             raise MaskTokError(f"max_k must be an integer >= 1, got {self.max_k!r}.")

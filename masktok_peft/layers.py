@@ -161,4 +161,4 @@ class GatedLinear(LoraLinear):
         return flat_result.view_as(result)
 
     def __repr__(self) -> str:
-        return "masktok.gated_" + super().__repr__().removeprefix("lora.")
+        return "masktok." + super().__repr__().removeprefix("lora.")
