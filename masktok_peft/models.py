@@ -118,3 +118,38 @@ def load_model_and_tokenizer(name_or_path: Optional[str] = None, dtype=None):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+DEFAULT_ADAPTER_DIR = Path(__file__).parent / "adapters" / "smollm2-135m-gsm8k"
+
+
+def load_masktok_model(adapter: str, name_or_path: Optional[str] = None, dtype=None):
+    """Load a masktok adapter onto its base model; return (peft_model, tokenizer).
+
+    The base model is `name_or_path` when given, else the adapter config's `base_model_name_or_path`.
+    """
+    import peft
+
+    from . import MaskTokConfig
+
+    adapter_path = Path(adapter).expanduser()
+    adapter_ref = str(adapter_path) if adapter_path.exists() else adapter
+    config = peft.PeftConfig.from_pretrained(adapter_ref)
+    if not isinstance(config, MaskTokConfig):
+        raise ValueError(f"{adapter} holds a {type(config).__name__} adapter, not a masktok adapter.")
+    base = name_or_path or config.base_model_name_or_path
+    if base is None:
+        raise ValueError(f"The adapter at {adapter} names no base model; pass the base model's Hub id or folder.")
+    model, tokenizer = load_model_and_tokenizer(base, dtype=dtype)
+    peft_model = peft.PeftModel.from_pretrained(model, adapter_ref).eval()
+    return peft_model, tokenizer
+
+
+def load_default_adapter(dtype=None):
+    """Return (model, tokenizer): the default model with the adapter shipped for it, ready to `generate`."""
+    if not (DEFAULT_ADAPTER_DIR / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"No default adapter is installed at {DEFAULT_ADAPTER_DIR}. Train one with "
+            "`masktok train recipes/smollm2-135m-gsm8k.yaml` and pass its folder with --adapter."
+        )
+    return load_masktok_model(str(DEFAULT_ADAPTER_DIR), str(default_model_path()), dtype=dtype)
