@@ -12,6 +12,7 @@ from torch import nn
 
 from .config import MaskTokConfig
 from .errors import MaskTokError
+from .generation import generate_with_masktok
 from .layers import GatedLinear, MaskPositions, MaskRowEmbedding
 from .mask_token import (
     MaskTokenChoice,
@@ -150,6 +151,13 @@ class MaskTokModel(LoraModel):
         # GatedLinear only replaces forward() and merge(), so the module built by PEFT is reused as it is.
         new_module.__class__ = GatedLinear
         return new_module
+
+    def generate(self, *args, **kwargs):
+        """Generate several tokens per forward pass with the active adapter; see `masktok_peft.generation`.
+
+        Takes stock `generate` arguments plus `masktok_policy`, `masktok_threshold` and `masktok_max_k`.
+        """
+        return generate_with_masktok(self, *args, **kwargs)
 
     def _unload_and_optionally_merge(self, merge=True, progressbar: bool = False, safe_merge: bool = False, adapter_names=None):
         model = super()._unload_and_optionally_merge(

@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from tiny_models import KINDS, save_tiny  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread: tiny models gain nothing from more, and on a shared 2-core machine more threads slow them down.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

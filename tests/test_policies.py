@@ -1,0 +1,148 @@
+"""Known-answer tests of the acceptance policies and the propose step; no model is involved."""
+
+import pytest
+import torch
+from transformers import (
+    LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+)
+
+from masktok_peft import MaskTokError
+from masktok_peft.generation import ConfAdaptPolicy, OffPolicy, Proposals, StaticPolicy, build_policy
+from masktok_peft.generation.proposals import (
+    choose_tokens,
+    is_context_free,
+    processors_for_row,
+    propose,
+    suppress_token,
+)
+
+
+def make_proposals(confidence):
+    confidence = torch.tensor(confidence, dtype=torch.float32)
+    return Proposals(tokens=torch.zeros(confidence.shape, dtype=torch.long), confidence=confidence)
+
+
+@pytest.mark.parametrize(
+    "confidence, expected",
+    [
+        ([[0.95, 0.91, 0.5, 0.99]], [2]),  # stops at the first miss even if later positions are confident
+        ([[0.95, 0.95, 0.95, 0.95]], [4]),
+        ([[0.2, 0.99, 0.99, 0.99]], [1]),  # the first proposal is kept even below the threshold
+        ([[0.9, 0.9, 0.1]], [2]),  # equal to the threshold counts as confident
+        ([[0.99, 0.1], [0.1, 0.99], [0.95, 0.95]], [1, 1, 2]),
+    ],
+)
+def test_confadapt_keeps_leading_confident_run(confidence, expected):
+    accepted = ConfAdaptPolicy(threshold=0.9).accept(make_proposals(confidence))
+    assert accepted.tolist() == expected
+
+
+def test_confadapt_threshold_one_keeps_only_certain():
+    accepted = ConfAdaptPolicy(threshold=1.0).accept(make_proposals([[1.0, 1.0, 0.999], [0.5, 1.0, 1.0]]))
+    assert accepted.tolist() == [2, 1]
+
+
+def test_static_keeps_all_proposals():
+    accepted = StaticPolicy().accept(make_proposals([[0.1, 0.2, 0.3], [0.9, 0.0, 0.0]]))
+    assert accepted.tolist() == [3, 3]
+
+
+def test_pass_width_per_policy():
+    assert ConfAdaptPolicy(0.9).proposals_per_pass(8) == 8
+    assert StaticPolicy().proposals_per_pass(8) == 8
+    assert OffPolicy().proposals_per_pass(8) == 1
+
+
+def test_build_policy_by_name():
+    assert isinstance(build_policy("confadapt", 0.5), ConfAdaptPolicy)
+    assert build_policy("confadapt", 0.5).threshold == 0.5
+    assert isinstance(build_policy("static", 0.5), StaticPolicy)
+    assert isinstance(build_policy("off", 0.5), OffPolicy)
+
+
+@pytest.mark.parametrize("name", ["fast", "", None, ["static"]])
+def test_build_policy_unknown_name(name):
+    with pytest.raises(MaskTokError, match="Unknown masktok_policy"):
+        build_policy(name, 0.9)
+
+
+@pytest.mark.parametrize("threshold", [0, 0.0, -0.1, 1.01, 2, "0.9", True, None])
+def test_confadapt_invalid_threshold(threshold):
+    with pytest.raises(MaskTokError, match="masktok_threshold"):
+        ConfAdaptPolicy(threshold)
+
+
+def test_proposals_shape_mismatch():
+    with pytest.raises(MaskTokError, match="same"):
+        Proposals(tokens=torch.zeros((2, 3), dtype=torch.long), confidence=torch.zeros((2, 4)))
+
+
+def test_suppress_token_inside_and_outside_vocabulary():
+    logits = torch.zeros((2, 3, 5))
+    suppress_token(logits, 4)
+    assert torch.isneginf(logits[..., 4]).all()
+    assert not torch.isinf(logits[..., :4]).any()
+    unchanged = torch.zeros((1, 1, 5))
+    suppress_token(unchanged, 5)  # a mask row past the end of the matrix has no logit
+    assert torch.equal(unchanged, torch.zeros((1, 1, 5)))
+
+
+def test_choose_tokens_greedy_confidence_is_top1_probability():
+    scores = torch.log(torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.25, 0.25]]))
+    tokens, confidence = choose_tokens(scores, do_sample=False)
+    assert tokens.tolist() == [1, 0]
+    assert torch.allclose(confidence, torch.tensor([0.7, 0.5]))
+
+
+def test_choose_tokens_sampled_confidence_is_token_probability():
+    torch.manual_seed(0)
+    scores = torch.log(torch.tensor([[0.5, 0.5, 0.0]])).repeat(200, 1)
+    tokens, confidence = choose_tokens(scores, do_sample=True)
+    assert set(tokens.tolist()) == {0, 1}
+    assert torch.allclose(confidence, torch.full((200,), 0.5))
+
+
+def test_propose_reads_processed_distribution():
+    # top_k=1 leaves one token with probability 1 at every position, whatever the raw logits.
+    logits = torch.randn((2, 4, 10), generator=torch.Generator().manual_seed(0))
+    processors = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopKLogitsWarper(top_k=1)])
+    proposals = propose(logits, [torch.tensor([1, 2]), torch.tensor([3])], processors, do_sample=True)
+    assert torch.equal(proposals.tokens, logits.argmax(-1))
+    assert torch.allclose(proposals.confidence, torch.ones((2, 4)))
+
+
+def test_propose_feeds_earlier_proposals_to_processors():
+    # min_new_tokens=2 after a 2-token prompt: EOS (id 0) is blocked at new positions 0 and 1 only.
+    logits = torch.zeros((1, 4, 3))
+    logits[..., 0] = 5.0  # EOS is the best token everywhere
+    processors = LogitsProcessorList(
+        [MinNewTokensLengthLogitsProcessor(prompt_length_to_skip=2, min_new_tokens=2, eos_token_id=0)]
+    )
+    assert not is_context_free(processors)
+    proposals = propose(logits, [torch.tensor([1, 1])], processors, do_sample=False)
+    assert 0 not in proposals.tokens[0, :2].tolist()
+    assert proposals.tokens[0, 2:].tolist() == [0, 0]
+
+
+def test_propose_without_processors_is_argmax():
+    logits = torch.randn((3, 5, 7), generator=torch.Generator().manual_seed(1))
+    proposals = propose(logits, [torch.tensor([1])] * 3, LogitsProcessorList(), do_sample=False)
+    assert torch.equal(proposals.tokens, logits.argmax(-1))
+    assert torch.allclose(proposals.confidence, logits.softmax(-1).amax(-1))
+
+
+def test_processors_for_row_selects_padding_length():
+    penalty = RepetitionPenaltyLogitsProcessor(1.5, prompt_ignore_length=torch.tensor([0, 2]))
+    temperature = TemperatureLogitsWarper(0.5)
+    row_processors = processors_for_row(LogitsProcessorList([penalty, temperature]), row=1)
+    assert row_processors[0].prompt_ignore_length == 2
+    assert row_processors[1] is temperature
+    assert torch.equal(penalty.prompt_ignore_length, torch.tensor([0, 2]))  # the original is unchanged
+    # Row 1 ignores its two padding tokens (id 7), so only token 3 is penalized.
+    scores = row_processors(torch.tensor([[7, 7, 3]]), torch.ones((1, 8)))
+    assert scores[0, 3] < 2.0
+    assert scores[0, 7] == 2.0
