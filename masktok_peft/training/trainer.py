@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -29,6 +30,7 @@ from ..config import MaskTokConfig
 from ..data import apply_chat_template_choice
 from ..errors import MaskTokError
 from . import objective as objective_module
+from .callbacks import TimeBudgetCallback
 from .config import MaskTokTrainingConfig
 from .on_policy import OnPolicySettings, build_on_policy_dataset
 
@@ -43,6 +45,20 @@ def _adapter_config_of(model) -> PeftConfig | None:
     if not is_peft_model(model):
         return None
     return model.peft_config[model.active_adapter]
+
+
+def _move_to_training_device(model, args: MaskTokTrainingConfig) -> None:
+    """Move a model that sits whole on the CPU to the training device, so on-policy text is generated there.
+
+    Trainer would move it there later anyway. Models placed with a device map, quantized models and
+    FSDP or DeepSpeed runs are left where they are, because Trainer does not move those either.
+    """
+    if getattr(model, "hf_device_map", None) or getattr(model, "is_quantized", False) or args.fsdp or args.deepspeed:
+        return
+    if args.device.type == "cpu" or any(parameter.device.type != "cpu" for parameter in model.parameters()):
+        return
+    logger.info("Moving the model to %s to generate the on-policy text there.", args.device)
+    model.to(args.device)
 
 
 class MaskTokTrainer(SFTTrainer):
@@ -82,6 +98,8 @@ class MaskTokTrainer(SFTTrainer):
         peft_config: MaskTokConfig | None = None,
         formatting_func: Callable[[dict], str] | None = None,
     ) -> None:
+        # The time budget (args.max_time_minutes) counts from here, so on-policy generation is part of it.
+        created_at = time.monotonic()
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
             args = MaskTokTrainingConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-masktok")
@@ -99,7 +117,7 @@ class MaskTokTrainer(SFTTrainer):
                 "dataset's prompt and completion columns. Format the dataset before passing it instead."
             )
 
-        if is_peft_model(model):
+        if not isinstance(model, str) and is_peft_model(model):
             if peft_config is not None:
                 raise MaskTokError(
                     "The model already has a PEFT adapter, so peft_config must be None. Pass the base model with "
@@ -138,6 +156,8 @@ class MaskTokTrainer(SFTTrainer):
             peft_config=peft_config,
             formatting_func=formatting_func,
         )
+        if args.max_time_minutes is not None:
+            self.add_callback(TimeBudgetCallback(args.max_time_minutes * 60, started_at=created_at))
         self._step_for_k = -1
         self._micro_step = 0
         self._eval_batch = 0
@@ -181,6 +201,7 @@ class MaskTokTrainer(SFTTrainer):
             batch_size=args.on_policy_batch_size,
             seed=args.seed,
         )
+        _move_to_training_device(model, args)
         state = PartialState()
         # The main process generates and writes the cache first; the other processes then read it.
         with state.main_process_first():
