@@ -159,7 +159,9 @@ class MaskTokModel(LoraModel):
         """
         return generate_with_masktok(self, *args, **kwargs)
 
-    def _unload_and_optionally_merge(self, merge=True, progressbar: bool = False, safe_merge: bool = False, adapter_names=None):
+    def _unload_and_optionally_merge(
+        self, merge=True, progressbar: bool = False, safe_merge: bool = False, adapter_names=None
+    ):
         model = super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )

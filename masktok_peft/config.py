@@ -33,11 +33,15 @@ class MaskTokConfig(LoraConfig):
     )
     max_k: int = field(
         default=16,
-        metadata={"help": "Maximum number of tokens proposed per forward pass (one real position plus max_k - 1 masks)."},
+        metadata={
+            "help": "Maximum number of tokens proposed per forward pass (one real position plus max_k - 1 masks)."
+        },
     )
     threshold: float = field(
         default=0.9,
-        metadata={"help": "ConfAdapt confidence threshold in (0, 1]: keep proposals while top-1 probability >= threshold."},
+        metadata={
+            "help": "ConfAdapt confidence threshold in (0, 1]: keep proposals while top-1 probability >= threshold."
+        },
     )
     gated: bool = field(
         default=True,

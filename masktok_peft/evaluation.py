@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -219,7 +220,7 @@ def evaluate_gsm8k(
         )
         total_seconds += time.perf_counter() - began
         total_passes += passes
-        for row, text, count, row_pass_count in zip(batch, texts, counts, row_passes):
+        for row, text, count, row_pass_count in zip(batch, texts, counts, row_passes, strict=True):
             reference = normalize_number(gsm8k_final_answer(row["answer"]))
             predicted = predicted_answer(text)
             outputs.append(
@@ -246,4 +247,3 @@ def evaluate_gsm8k(
         tokens_per_second=new_tokens / total_seconds if total_seconds else 0.0,
         outputs=outputs,
     )
-

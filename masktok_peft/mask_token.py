@@ -11,8 +11,9 @@ The mask id reuses a row the tokenizer never produces, so the vocabulary does no
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 

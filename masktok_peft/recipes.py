@@ -123,7 +123,10 @@ def load_recipe_dataset(recipe: Recipe):
     if data.get("format") == "gsm8k":
         return format_gsm8k(dataset, style=data.get("style", "conversational"))
     if data.get("prompt_column") or data.get("completion_column"):
-        columns = {data.get("prompt_column", "prompt"): "prompt", data.get("completion_column", "completion"): "completion"}
+        columns = {
+            data.get("prompt_column", "prompt"): "prompt",
+            data.get("completion_column", "completion"): "completion",
+        }
         require_columns(dataset, tuple(columns), f"Recipe {recipe.source}")
         dataset = dataset.select_columns(list(columns)).rename_columns(
             {old: new for old, new in columns.items() if old != new}
@@ -176,9 +179,7 @@ def run_recipe(recipe: Recipe, resume: bool = False) -> dict[str, Any]:
     dataset = load_recipe_dataset(recipe)
     model, tokenizer = load_model_and_tokenizer(recipe.model)
     peft_model = peft.get_peft_model(model, adapter_config)
-    trainer = MaskTokTrainer(
-        model=peft_model, args=training_config, train_dataset=dataset, processing_class=tokenizer
-    )
+    trainer = MaskTokTrainer(model=peft_model, args=training_config, train_dataset=dataset, processing_class=tokenizer)
     began = time.perf_counter()
     trainer.train(resume_from_checkpoint=True if resume else None)
     seconds = time.perf_counter() - began

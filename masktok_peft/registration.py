@@ -14,7 +14,9 @@ from __future__ import annotations
 from peft.utils.peft_types import PeftType
 
 MASKTOK_PEFT_TYPE_NAME = "MASKTOK"
-MASKTOK_PEFT_TYPE_VALUE = "MASKTOK (requires the masktok-peft package: pip install masktok-peft, then import masktok_peft)"
+MASKTOK_PEFT_TYPE_VALUE = (
+    "MASKTOK (requires the masktok-peft package: pip install masktok-peft, then import masktok_peft)"
+)
 MASKTOK_PREFIX = "masktok_"
 
 

@@ -7,9 +7,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
 from tiny_models import KINDS, save_tiny  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 # One thread: tiny models gain nothing from more, and on a shared 2-core machine more threads slow them down.
 torch.set_num_threads(1)

@@ -239,8 +239,14 @@ def test_wrong_base_shape_rejected(saved_adapter, tiny_kind):
     if tiny_kind != "llama":
         pytest.skip("one architecture is enough for the shape check")
     wrong = LlamaForCausalLM(
-        LlamaConfig(vocab_size=128, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2)
+        LlamaConfig(
+            vocab_size=128,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
     )
     with pytest.raises(MaskTokError, match=r"\[128, 32\].*\[128, 48\]"):
         PeftModel.from_pretrained(wrong, folder)
@@ -300,7 +306,9 @@ def test_invalid_mask_ids_rejected(tiny_model_dirs):
     }
     for mask_id, fragment in cases.items():
         model = AutoModelForCausalLM.from_pretrained(folder)
-        with pytest.raises(MaskTokError, match=f"mask_token_id {mask_id} .*{fragment}|mask_token_id {mask_id} is the {fragment}"):
+        with pytest.raises(
+            MaskTokError, match=f"mask_token_id {mask_id} .*{fragment}|mask_token_id {mask_id} is the {fragment}"
+        ):
             make_adapter(model, mask_token_id=mask_id)
 
 

@@ -62,8 +62,17 @@ def test_help_for_every_subcommand(capsys, command):
 
 def test_generate_prints_json(capsys, tiny_adapter, tiny_model_dirs):
     code, out, _ = run_cli(
-        capsys, "generate", "--prompt", "w1 w2 w3", "--adapter", str(tiny_adapter),
-        "--model", str(tiny_model_dirs["llama"]), "--max-new-tokens", "6", "--json",
+        capsys,
+        "generate",
+        "--prompt",
+        "w1 w2 w3",
+        "--adapter",
+        str(tiny_adapter),
+        "--model",
+        str(tiny_model_dirs["llama"]),
+        "--max-new-tokens",
+        "6",
+        "--json",
     )
     assert code == 0
     result = json.loads(out)
@@ -74,8 +83,20 @@ def test_generate_prints_json(capsys, tiny_adapter, tiny_model_dirs):
 
 def test_generate_prints_text_and_figures(capsys, tiny_adapter, tiny_model_dirs):
     code, out, _ = run_cli(
-        capsys, "generate", "--prompt", "w1 w2", "--adapter", str(tiny_adapter),
-        "--model", str(tiny_model_dirs["llama"]), "--max-new-tokens", "4", "--policy", "static", "--max-k", "2",
+        capsys,
+        "generate",
+        "--prompt",
+        "w1 w2",
+        "--adapter",
+        str(tiny_adapter),
+        "--model",
+        str(tiny_model_dirs["llama"]),
+        "--max-new-tokens",
+        "4",
+        "--policy",
+        "static",
+        "--max-k",
+        "2",
     )
     assert code == 0
     assert "tokens per pass" in out
@@ -83,8 +104,20 @@ def test_generate_prints_text_and_figures(capsys, tiny_adapter, tiny_model_dirs)
 
 def test_eval_gsm8k_reports_both_methods(capsys, tiny_adapter, tiny_model_dirs, fake_gsm8k):
     code, out, _ = run_cli(
-        capsys, "eval", "gsm8k", "--data", str(fake_gsm8k), "--limit", "2", "--adapter", str(tiny_adapter),
-        "--model", str(tiny_model_dirs["llama"]), "--max-new-tokens", "5", "--json",
+        capsys,
+        "eval",
+        "gsm8k",
+        "--data",
+        str(fake_gsm8k),
+        "--limit",
+        "2",
+        "--adapter",
+        str(tiny_adapter),
+        "--model",
+        str(tiny_model_dirs["llama"]),
+        "--max-new-tokens",
+        "5",
+        "--json",
     )
     assert code == 0
     result = json.loads(out)
@@ -153,8 +186,14 @@ def test_tiny_recipe_trains_and_saves(capsys, tiny_model_dirs, tmp_path):
         "data": {"path": str(data)},
         "adapter": {"r": 4, "max_k": 4, "target_modules": ["q_proj", "v_proj"]},
         "training": {
-            "output_dir": str(tmp_path / "run"), "layout": "cached", "max_steps": 2, "per_device_train_batch_size": 2,
-            "logging_steps": 1, "report_to": "none", "use_cpu": True, "save_strategy": "no",
+            "output_dir": str(tmp_path / "run"),
+            "layout": "cached",
+            "max_steps": 2,
+            "per_device_train_batch_size": 2,
+            "logging_steps": 1,
+            "report_to": "none",
+            "use_cpu": True,
+            "save_strategy": "no",
         },
     }
     recipe_path = tmp_path / "tiny.yaml"
@@ -162,7 +201,7 @@ def test_tiny_recipe_trains_and_saves(capsys, tiny_model_dirs, tmp_path):
 
     code, out, err = run_cli(capsys, "train", str(recipe_path), "--set", "training.learning_rate=0.01")
     assert code == 0, err
-    summary = json.loads(out[out.index("{\n"):])  # the Trainer prints its own log lines first
+    summary = json.loads(out[out.index("{\n") :])  # the Trainer prints its own log lines first
     assert summary["steps"] == 2
     assert "offset_1" in summary["teacher_agreement"]
     assert summary["estimated_tokens_per_pass"] >= 1.0

@@ -63,15 +63,30 @@ def build_tiny(kind: str, seed: int = 0):
     if kind == "llama":
         tokenizer = build_tokenizer(num_words=114, reserved=4)  # 124 tokens in 128 rows
         config = LlamaConfig(
-            vocab_size=128, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=256, **common,
+            vocab_size=128,
+            hidden_size=HIDDEN,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+            max_position_embeddings=256,
+            **common,
         )
         model = LlamaForCausalLM(config)
     elif kind == "qwen3":
         tokenizer = build_tokenizer(num_words=94)  # 100 tokens in 128 rows
         config = Qwen3Config(
-            vocab_size=128, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=8, tie_word_embeddings=True, max_position_embeddings=256, **common,
+            vocab_size=128,
+            hidden_size=HIDDEN,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            tie_word_embeddings=True,
+            max_position_embeddings=256,
+            **common,
         )
         model = Qwen3ForCausalLM(config)
     elif kind == "gpt2":

@@ -62,15 +62,19 @@ def run(args: argparse.Namespace) -> int:
             figures[2] += seconds
             figures[3] += correct
             label = "stock generate" if method == "stock" else f"ConfAdapt (threshold {args.threshold})"
-            print(f"--- {label}: {counts[0]} tokens, {row_passes[0]} passes, "
-                  f"{counts[0] / max(row_passes[0], 1):.2f} tokens/pass, {seconds:.2f} s, "
-                  f"{'correct' if correct else 'wrong'} (expected {reference})")
+            print(
+                f"--- {label}: {counts[0]} tokens, {row_passes[0]} passes, "
+                f"{counts[0] / max(row_passes[0], 1):.2f} tokens/pass, {seconds:.2f} s, "
+                f"{'correct' if correct else 'wrong'} (expected {reference})"
+            )
             print(texts[0].strip())
 
     print("\n=== Summary")
     for method, (tokens, passes, seconds, correct) in totals.items():
-        print(f"{method:<8} {tokens:>5} tokens  {passes:>5} passes  {tokens / max(passes, 1):.2f} tokens/pass  "
-              f"{tokens / seconds:.1f} tokens/s  {correct}/{args.questions} correct")
+        print(
+            f"{method:<8} {tokens:>5} tokens  {passes:>5} passes  {tokens / max(passes, 1):.2f} tokens/pass  "
+            f"{tokens / seconds:.1f} tokens/s  {correct}/{args.questions} correct"
+        )
     stock_rate = totals["stock"][0] / totals["stock"][2]
     masktok_rate = totals["masktok"][0] / totals["masktok"][2]
     print(f"wall-clock speed-up (tokens/s, ConfAdapt / stock), measured in this run: {masktok_rate / stock_rate:.2f}x")

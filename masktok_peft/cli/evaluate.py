@@ -23,7 +23,10 @@ def add_parser(subparsers, name: str) -> None:
     parser.add_argument(
         "--data",
         required=True,
-        help="GSM8K test data: a JSONL/JSON/Parquet file, a folder holding test.jsonl, or a Hub id such as openai/gsm8k.",
+        help=(
+            "GSM8K test data: a JSONL, JSON or Parquet file, a folder holding test.jsonl, or a Hub id such as "
+            "openai/gsm8k."
+        ),
     )
     parser.add_argument("--split", default="test", help="Split to read from a folder or Hub dataset (default test).")
     parser.add_argument("--limit", type=positive_int, help="Evaluate only the first N questions.")

@@ -14,7 +14,9 @@ def add_parser(subparsers, name: str) -> None:
         help="Generate text for one prompt with a masktok adapter.",
         description="Generate text for one prompt with a masktok adapter and print the decoding statistics.",
     )
-    parser.add_argument("--prompt", required=True, help="The prompt (a user message when the model has a chat template).")
+    parser.add_argument(
+        "--prompt", required=True, help="The prompt (a user message when the model has a chat template)."
+    )
     add_model_arguments(parser)
     parser.add_argument("--max-new-tokens", type=positive_int, default=256, help="Max new tokens (default 256).")
     add_decoding_arguments(parser)
