@@ -375,6 +375,50 @@ def test_sampling_with_top_k_one_accepts_whole_blocks(llama):
     assert sampled.masktok_stats["accepted_histogram"] == {4: 4}
 
 
+# Adaptive number of mask slots.
+
+
+def test_adaptive_drops_mask_slots_when_proposals_fail(load_tiny):
+    # An unsharpened random model is never confident, so ConfAdapt keeps one token per pass whatever k is.
+    model, tokenizer = load_tiny("llama")
+    peft_model = masktok_model(model)
+    mask_id = peft_model.peft_config["default"].mask_token_id
+    inputs = encode(tokenizer, PROMPTS[:3])
+    with peft_model.disable_adapter():
+        stock = peft_model.generate(**inputs, max_new_tokens=40, do_sample=False, suppress_tokens=[mask_id])
+    settings = dict(max_new_tokens=40, masktok_max_k=8, masktok_threshold=0.99, return_dict_in_generate=True)
+    adaptive = peft_model.generate(**inputs, **settings)
+    fixed = peft_model.generate(**inputs, masktok_adaptive=False, **settings)
+    assert torch.equal(adaptive.sequences, stock)
+    assert torch.equal(fixed.sequences, stock)
+    assert adaptive.masktok_stats["adaptive"] is True
+    assert fixed.masktok_stats["adaptive"] is False
+    assert fixed.masktok_stats["mask_slots_per_pass"] > 6  # 7, less in the last passes, which the budget cuts
+    # Prefill has 7 mask slots, the next pass 1, then only probes of 1 slot after growing waits.
+    assert adaptive.masktok_stats["mask_slots_per_pass"] < 0.5
+
+
+def test_min_k_equal_max_k_disables_adaptation(sharp_model):
+    peft_model, tokenizer, _, _ = sharp_model
+    inputs = encode(tokenizer, PROMPTS)
+    settings = dict(max_new_tokens=14, masktok_threshold=0.3, masktok_max_k=STATIC_K, return_dict_in_generate=True)
+    pinned = peft_model.generate(**inputs, masktok_min_k=STATIC_K, **settings)
+    fixed = peft_model.generate(**inputs, masktok_adaptive=False, **settings)
+    assert torch.equal(pinned.sequences, fixed.sequences)
+    assert pinned.masktok_stats["mask_slots_per_pass"] == fixed.masktok_stats["mask_slots_per_pass"]
+    assert pinned.masktok_stats["min_k"] == STATIC_K
+
+
+def test_adaptive_grows_k_after_full_acceptance(llama):
+    # top_k=1 makes every confidence 1, so every pass keeps all its proposals and k climbs by 2 up to max_k.
+    peft_model, tokenizer = llama
+    inputs = encode(tokenizer, PROMPTS[:1])
+    output = peft_model.generate(
+        **inputs, max_new_tokens=20, do_sample=True, top_k=1, masktok_max_k=6, return_dict_in_generate=True
+    )
+    assert output.masktok_stats["accepted_histogram"] == {6: 3, 2: 1}
+
+
 # Invalid input.
 
 
@@ -386,6 +430,9 @@ def test_sampling_with_top_k_one_accepts_whole_blocks(llama):
         ({"masktok_max_k": 0}, "masktok_max_k"),
         ({"masktok_max_k": 2.5}, "masktok_max_k"),
         ({"masktok_policy": "fast"}, "Unknown masktok_policy"),
+        ({"masktok_adaptive": "yes"}, "masktok_adaptive"),
+        ({"masktok_min_k": 0}, "masktok_min_k"),
+        ({"masktok_min_k": 5, "masktok_max_k": 4}, "masktok_min_k"),
         ({"num_beams": 2}, "num_beams"),
         ({"generation_config": GenerationConfig(masktok_policy="fast")}, "Unknown masktok_policy"),
         ({"generation_config": GenerationConfig(num_beams=3)}, "num_beams"),

@@ -97,3 +97,24 @@ def test_stop_string_inside_block(smollm2):
 
     output = peft_model.generate(**inputs, stop_strings=stop_string, tokenizer=tokenizer, **settings)[0]
     assert output.tolist() == full[: prompt_length + end + 1].tolist()
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_verify_equals_stock_greedy(smollm2, batch_size):
+    # Stock greedy runs with the adapter disabled and without suppressing the mask id, which the base model
+    # never emits.
+    peft_model, tokenizer, _, mask_id = smollm2
+    inputs = chat_inputs(tokenizer, QUESTIONS[:batch_size])
+    with peft_model.disable_adapter():
+        stock = peft_model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    output = peft_model.generate(
+        **inputs,
+        max_new_tokens=MAX_NEW_TOKENS,
+        do_sample=False,
+        masktok_policy="verify",
+        masktok_max_k=4,
+        return_dict_in_generate=True,
+    )
+    assert torch.equal(output.sequences, stock)
+    assert not (stock[:, inputs.input_ids.shape[1] :] == mask_id).any()
+    assert output.masktok_stats["proposals_verified"] > 0

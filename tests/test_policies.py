@@ -11,10 +11,12 @@ from transformers import (
 )
 
 from masktok_peft import MaskTokError
-from masktok_peft.generation import ConfAdaptPolicy, OffPolicy, Proposals, StaticPolicy, build_policy
+from masktok_peft.generation import ConfAdaptPolicy, OffPolicy, Proposals, StaticPolicy, VerifyPolicy, build_policy
+from masktok_peft.generation.adaptive import MAX_PROBE_WAIT, ProposalCount
 from masktok_peft.generation.proposals import (
     choose_tokens,
     is_context_free,
+    process_scores,
     processors_for_row,
     propose,
     suppress_token,
@@ -58,6 +60,7 @@ def test_pass_width_per_policy():
 
 
 def test_build_policy_by_name():
+    assert isinstance(build_policy("verify", 0.5), VerifyPolicy)
     assert isinstance(build_policy("confadapt", 0.5), ConfAdaptPolicy)
     assert build_policy("confadapt", 0.5).threshold == 0.5
     assert isinstance(build_policy("static", 0.5), StaticPolicy)
@@ -146,3 +149,141 @@ def test_processors_for_row_selects_padding_length():
     scores = row_processors(torch.tensor([[7, 7, 3]]), torch.ones((1, 8)))
     assert scores[0, 3] < 2.0
     assert scores[0, 7] == 2.0
+
+
+# The verify policy.
+
+
+def one_hot_scores(tokens, vocab=6, high=10.0):
+    """Return scores [len(tokens), vocab] whose argmax at row i is tokens[i]."""
+    scores = torch.zeros((len(tokens), vocab))
+    scores[torch.arange(len(tokens)), torch.tensor(tokens)] = high
+    return scores
+
+
+@pytest.mark.parametrize(
+    "targets, draft, expected",
+    [
+        ([1, 2, 3, 4], [1, 2, 3], (3, 4)),  # whole draft accepted, then the token after it
+        ([1, 2, 3, 4], [1, 5, 3], (1, 2)),  # rejected at 1: the correction is the argmax there
+        ([1, 2, 3, 4], [0, 2, 3], (0, 1)),
+        ([4], [], (0, 4)),  # no draft: ordinary greedy decoding
+    ],
+)
+def test_verify_greedy_known_answers(targets, draft, expected):
+    result = VerifyPolicy.verify(one_hot_scores(targets), torch.tensor(draft, dtype=torch.long), do_sample=False)
+    assert result == expected
+
+
+def test_verify_sampling_certain_draft_is_accepted():
+    torch.manual_seed(0)
+    for _ in range(20):
+        accepted, _ = VerifyPolicy.verify(one_hot_scores([1, 2, 3], high=100.0), torch.tensor([1, 2]), do_sample=True)
+        assert accepted == 2
+
+
+def test_verify_sampling_impossible_draft_resamples_from_rest():
+    # p puts no mass on the draft token 5, so it is always rejected and the correction is drawn from p itself.
+    scores = torch.log(torch.tensor([[0.5, 0.5, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0, 0.0]]))
+    torch.manual_seed(0)
+    corrections = []
+    for _ in range(200):
+        accepted, token = VerifyPolicy.verify(scores, torch.tensor([5]), do_sample=True)
+        assert accepted == 0
+        corrections.append(token)
+    assert set(corrections) == {0, 1}
+
+
+def test_verify_sampling_rejected_token_never_returned():
+    # p = (0.6, 0.4): draft 0 is kept 60% of the time; after a rejection the residual is p without token 0.
+    scores = torch.log(torch.tensor([[0.6, 0.4, 0.0], [0.0, 0.0, 1.0]]))
+    torch.manual_seed(0)
+    outcomes = [VerifyPolicy.verify(scores, torch.tensor([0]), do_sample=True) for _ in range(2000)]
+    accepted = [outcome for outcome in outcomes if outcome[0] == 1]
+    rejected = [outcome for outcome in outcomes if outcome[0] == 0]
+    assert all(token == 2 for _, token in accepted)  # after acceptance, the token after the draft
+    assert all(token == 1 for _, token in rejected)
+    assert len(accepted) / len(outcomes) == pytest.approx(0.6, abs=0.04)  # 4 standard deviations of 2,000 draws
+
+
+def test_verify_shape_mismatch():
+    with pytest.raises(MaskTokError, match="one score row per draft token"):
+        VerifyPolicy.verify(torch.zeros((2, 5)), torch.tensor([1, 2]), do_sample=False)
+
+
+def test_verify_keeps_all_proposals_as_draft():
+    assert VerifyPolicy().accept(make_proposals([[0.1, 0.2, 0.3]])).tolist() == [3]
+    assert VerifyPolicy().proposals_per_pass(5) == 5
+
+
+def test_process_scores_feeds_forced_tokens():
+    # min_new_tokens=2 after a 1-token context: EOS (id 0) is blocked at positions 0 and 1 only.
+    processors = LogitsProcessorList(
+        [MinNewTokensLengthLogitsProcessor(prompt_length_to_skip=1, min_new_tokens=2, eos_token_id=0)]
+    )
+    scores = process_scores(torch.zeros((3, 4)), torch.tensor([3]), processors, tokens=[1, 2])
+    assert torch.isneginf(scores[:2, 0]).all()
+    assert scores[2, 0] == 0.0
+
+
+# The adaptive number of proposals per pass.
+
+
+def test_proposal_count_fixed_when_not_adaptive():
+    count = ProposalCount(max_k=6, adaptive=False)
+    count.record(offered=6, kept=1)
+    assert count.next_k() == 6
+
+
+def test_proposal_count_grows_on_full_acceptance_and_shrinks_on_miss():
+    count = ProposalCount(max_k=8)
+    assert count.next_k() == 8
+    count.record(offered=8, kept=3)
+    assert count.next_k() == 4  # one more than was kept
+    count.record(offered=4, kept=4)
+    assert count.next_k() == 6  # two more than was offered
+    count.record(offered=6, kept=6)
+    count.record(offered=8, kept=8)
+    assert count.next_k() == 8  # capped at max_k
+    count.record(offered=8, kept=7)
+    assert count.next_k() == 7  # shrinks by at least one
+
+
+def test_proposal_count_respects_min_k():
+    count = ProposalCount(max_k=8, min_k=3)
+    count.record(offered=8, kept=1)
+    assert count.next_k() == 3
+    count.record(offered=3, kept=1)
+    assert count.next_k() == 3
+
+
+def test_proposal_count_probes_with_growing_wait():
+    count = ProposalCount(max_k=8)
+    count.record(offered=8, kept=1)
+    count.record(offered=2, kept=1)
+    widths = []
+    for _ in range(400):
+        k = count.next_k()
+        widths.append(k)
+        count.record(offered=k, kept=1)  # every proposal after the first is rejected
+    probes = [index for index, k in enumerate(widths) if k == 2]
+    gaps = [later - earlier for earlier, later in zip(probes[:-1], probes[1:], strict=True)]
+    assert set(widths) == {1, 2}
+    assert gaps == sorted(gaps)  # the wait between probes never shrinks while probes fail
+    assert max(gaps) == MAX_PROBE_WAIT + 1
+    assert len(probes) <= 10  # waits of 4, 8, 16, 32, then 64 passes
+
+
+def test_proposal_count_successful_probe_widens():
+    count = ProposalCount(max_k=8)
+    count.record(offered=8, kept=1)
+    count.record(offered=2, kept=1)
+    while count.next_k() != 2:
+        pass
+    count.record(offered=2, kept=2)
+    assert count.next_k() == 4
+
+
+def test_proposal_count_max_k_one_never_probes():
+    count = ProposalCount(max_k=1)
+    assert [count.next_k() for _ in range(10)] == [1] * 10

@@ -1,7 +1,15 @@
 """Multi-token decoding with a masktok adapter: the decoding loop, acceptance policies and statistics."""
 
 from .generate import MaskTokGenerateOutput, generate_with_masktok
-from .policies import AcceptancePolicy, ConfAdaptPolicy, OffPolicy, Proposals, StaticPolicy, build_policy
+from .policies import (
+    AcceptancePolicy,
+    ConfAdaptPolicy,
+    OffPolicy,
+    Proposals,
+    StaticPolicy,
+    VerifyPolicy,
+    build_policy,
+)
 
 __all__ = [
     "AcceptancePolicy",
@@ -10,6 +18,7 @@ __all__ = [
     "OffPolicy",
     "Proposals",
     "StaticPolicy",
+    "VerifyPolicy",
     "build_policy",
     "generate_with_masktok",
 ]

@@ -14,7 +14,9 @@ from .policies import DEFAULT_POLICY, build_policy, validate_threshold
 POLICY_ARGUMENT = "masktok_policy"
 THRESHOLD_ARGUMENT = "masktok_threshold"
 MAX_K_ARGUMENT = "masktok_max_k"
-MASKTOK_ARGUMENTS = (MAX_K_ARGUMENT, POLICY_ARGUMENT, THRESHOLD_ARGUMENT)
+MIN_K_ARGUMENT = "masktok_min_k"
+ADAPTIVE_ARGUMENT = "masktok_adaptive"
+MASKTOK_ARGUMENTS = (ADAPTIVE_ARGUMENT, MAX_K_ARGUMENT, MIN_K_ARGUMENT, POLICY_ARGUMENT, THRESHOLD_ARGUMENT)
 
 # Model inputs that the decoding loop builds itself or that stock `generate` adds. Any other model
 # input (token_type_ids, pixel_values, ...) would need a per-pass layout, which the loop does not build.
@@ -80,7 +82,25 @@ def resolve_settings(
         raise MaskTokError(f"masktok_max_k must be an integer >= 1, got {max_k!r}. Use 1 for one token per pass.")
     threshold = validate_threshold(lookup(THRESHOLD_ARGUMENT, adapter_config.threshold))
     policy = build_policy(lookup(POLICY_ARGUMENT, DEFAULT_POLICY), threshold)
-    return DecodingSettings(policy=policy, max_k=max_k, mask_token_id=adapter_config.mask_token_id)
+    if policy.verifies and not getattr(adapter_config, "gated", False):
+        raise MaskTokError(
+            f"masktok_policy={policy.name!r} needs a gated adapter (MaskTokConfig.gated=True), because only then are "
+            "the real tokens' logits the base model's own; this adapter has gated=False. Use masktok_policy="
+            "'confadapt', or train a gated adapter."
+        )
+
+    adaptive = lookup(ADAPTIVE_ARGUMENT, policy.adapts_by_default)
+    if not isinstance(adaptive, bool):
+        raise MaskTokError(f"masktok_adaptive must be True or False, got {adaptive!r}.")
+    min_k = lookup(MIN_K_ARGUMENT, 1)
+    if isinstance(min_k, bool) or not isinstance(min_k, int) or not 1 <= min_k <= max_k:
+        raise MaskTokError(
+            f"masktok_min_k must be an integer between 1 and masktok_max_k ({max_k}), got {min_k!r}. It is the "
+            "smallest number of proposals per pass that the adaptive schedule may choose."
+        )
+    return DecodingSettings(
+        policy=policy, max_k=max_k, mask_token_id=adapter_config.mask_token_id, adaptive=adaptive, min_k=min_k
+    )
 
 
 def check_call_arguments(args: tuple, kwargs: dict[str, Any]) -> None:

@@ -47,8 +47,9 @@ class MaskTokGenerateOutput(GenerateDecoderOnlyOutput):
 def generate_with_masktok(tuner: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     """Generate with the active masktok adapter of `tuner` (a MaskTokModel); takes stock `generate` arguments.
 
-    The extra keyword arguments `masktok_policy`, `masktok_threshold` and `masktok_max_k`, also
-    read from a `GenerationConfig`, override the adapter config's decoding defaults. While the
+    The extra keyword arguments `masktok_policy`, `masktok_threshold`, `masktok_max_k`,
+    `masktok_min_k` and `masktok_adaptive`, also read from a `GenerationConfig`, override the
+    adapter config's decoding defaults. While the
     adapter is disabled this is stock `generate` of the base model.
     """
     masktok_arguments = pop_masktok_arguments(kwargs)

@@ -6,13 +6,25 @@ token predicts the next token and mask slot j the token j places after it. The p
 leading run of n' of them per row, the mask slots' KV entries are dropped, and the n' tokens are
 fed as real tokens in the row's next pass. Prefill is the prompt plus k - 1 masks.
 
+Each row's k follows its recent acceptance (see `adaptive.py`). A pass has as many mask slots as
+the row that requests the most, and a row reads only its own first k proposals, which the later
+mask slots cannot change under causal attention.
+
+Verify policy. The kept proposals after the first are a draft: the row's next pass feeds its
+pending token, then the draft as real tokens, then fresh mask slots. With a gated adapter the
+real tokens' logits are the base model's, so they check the draft (`VerifyPolicy.verify`). The
+verified prefix stays in the cache, the rejected draft tokens are rolled back, and the row's next
+token is the base model's own. The fresh mask slots' proposals become the next draft only when
+the whole draft was accepted, because they were conditioned on it.
+
 Cache layout. All rows share one cache length. A pass appends the same number of columns to every
-row: its pending real tokens, right-aligned after filler columns, then the k - 1 mask slots. The
-mask slots are the last k - 1 columns of every row, so one `DynamicCache.crop` (a slice, no copy)
-drops them all. The filler columns stay in the cache as holes that the 2D attention mask hides
-from every later query, and each row's position ids are passed explicitly, so holes shift no
-position. A row's queries therefore attend to the same keys, at the same positions, as when the
-row is decoded alone.
+row: its pending real tokens and draft, right-aligned after filler columns, then the k - 1 mask
+slots. The mask slots are the last k - 1 columns of every row, so one `DynamicCache.crop` (a
+slice, no copy) drops them all, together with the rejected draft tokens that every row has in
+its last columns. The filler columns, and rejected draft tokens of rows that rejected fewer than
+others, stay in the cache as holes that the 2D attention mask hides from every later query. Each
+row's position ids are passed explicitly, so holes shift no position. A row's queries therefore
+attend to the same keys, at the same positions, as when the row is decoded alone.
 
 Commit. The output is built one column at a time, as stock `generate` builds it: a column is added
 once every unfinished row has an accepted token for it, and the stopping criteria then run on the
@@ -35,8 +47,9 @@ from transformers import Cache, GenerationConfig, LogitsProcessorList, StoppingC
 from transformers.generation.stopping_criteria import EosTokenCriteria, StopStringCriteria
 from transformers.generation.streamers import BaseStreamer
 
-from .policies import AcceptancePolicy
-from .proposals import propose, suppress_token
+from .adaptive import ProposalCount
+from .policies import AcceptancePolicy, VerifyPolicy
+from .proposals import process_scores, processors_for_row, propose, suppress_token
 from .stats import DecodingStats
 
 logger = logging.getLogger(__name__)
@@ -49,9 +62,19 @@ class DecodingSettings:
     policy: AcceptancePolicy
     max_k: int
     mask_token_id: int
+    adaptive: bool = False
+    min_k: int = 1
 
     def describe(self) -> dict[str, object]:
-        return {**self.policy.describe(), "max_k": self.max_k}
+        described = {**self.policy.describe(), "max_k": self.max_k, "adaptive": self.adaptive}
+        if self.adaptive:
+            described["min_k"] = self.min_k
+        return described
+
+    def proposal_count(self) -> ProposalCount:
+        """Return a fresh per-row controller of k for these settings."""
+        max_k = self.policy.proposals_per_pass(self.max_k)
+        return ProposalCount(max_k=max_k, min_k=self.min_k, adaptive=self.adaptive)
 
 
 @dataclass
@@ -60,7 +83,10 @@ class _Row:
 
     context: torch.Tensor  # [prompt_length + accepted]: the padded prompt, then every accepted token
     next_position: int  # position id of the first pending token
-    pending: list[int] = field(default_factory=list)  # accepted in the latest pass, fed in the row's next pass
+    count: ProposalCount  # the row's k
+    pending: list[int] = field(default_factory=list)  # accepted but not yet in the cache, fed in the row's next pass
+    draft: list[int] = field(default_factory=list)  # verify only: unverified proposals, fed after `pending`
+    pass_k: int = 1  # k of the current pass, at most the budget allows
     uncommitted: deque = field(default_factory=deque)  # accepted tokens not yet written to the output
     accepted: int = 0  # accepted tokens, committed or not
     committed: int = 0  # output columns written while the row was unfinished
@@ -99,25 +125,28 @@ class _Decoder:
         self.settings = settings
         self.streamer = streamer
         self.budget = budget
-        self.stats = DecodingStats(batch_size, settings.describe())
+        self.stats = DecodingStats(batch_size, settings.describe(), verifies=settings.policy.verifies)
         self.rows: list[_Row] = []
         self.cache_mask: torch.Tensor | None = None  # [batch, cache_length]: 1 for real tokens, 0 for holes
         self.cache_argument = _cache_argument_name(model)
         self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
-    def proposals_per_pass(self, rows: list[int]) -> int:
-        """Return k for the next pass: the policy's width, cut to the largest remaining budget of `rows`."""
-        remaining = max(self.budget - self.rows[row].accepted for row in rows)
-        return min(self.settings.policy.proposals_per_pass(self.settings.max_k), remaining)
+    def plan_pass(self, rows: list[int]) -> int:
+        """Set each row's k for the next pass, cut to its remaining budget, and return the pass's mask slots."""
+        for row in rows:
+            state = self.rows[row]
+            # A pass yields at most the draft plus one token, and its mask slots propose the tokens after those.
+            remaining = self.budget - state.accepted - len(state.draft)
+            state.pass_k = max(1, min(state.count.next_k(), remaining))
+        return max(self.rows[row].pass_k for row in rows) - 1
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, num_masks: int
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, num_logits: int
     ) -> torch.Tensor:
-        """Run one pass, drop the mask slots from the cache and return the last k logits [batch, k, vocab]."""
-        k = num_masks + 1
+        """Run one pass and return its last `num_logits` logits [batch, num_logits, vocab], mask id suppressed."""
         # Stock `generate` passes no mask when there is no padding; doing the same keeps k = 1 decoding identical.
         mask = None if bool(attention_mask.all()) else attention_mask
-        extra = {"logits_to_keep": k} if self.keeps_logits else {}
+        extra = {"logits_to_keep": num_logits} if self.keeps_logits else {}
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=mask,
@@ -127,16 +156,22 @@ class _Decoder:
             **{self.cache_argument: self.cache},
             **extra,
         )
-        if num_masks:
-            self.cache.crop(-num_masks)
-        logits = outputs.logits[:, -k:, :].to(dtype=torch.float32, copy=True)  # [batch, k, vocab]
+        logits = outputs.logits[:, -num_logits:, :].to(dtype=torch.float32, copy=True)  # [batch, num_logits, vocab]
         return suppress_token(logits, self.settings.mask_token_id)
 
     def prefill(self, input_ids: torch.Tensor, prompt_mask: torch.Tensor, position_ids: torch.Tensor) -> None:
         """Run the prompt plus k - 1 masks and accept the first proposals of every row."""
         batch, _ = input_ids.shape
-        self.rows = [_Row(context=input_ids[row], next_position=int(position_ids[row, -1]) + 1) for row in range(batch)]
-        num_masks = self.proposals_per_pass(list(range(batch))) - 1
+        self.rows = [
+            _Row(
+                context=input_ids[row],
+                next_position=int(position_ids[row, -1]) + 1,
+                count=self.settings.proposal_count(),
+            )
+            for row in range(batch)
+        ]
+        rows = list(range(batch))
+        num_masks = self.plan_pass(rows)
 
         next_positions = torch.tensor([row.next_position for row in self.rows], device=input_ids.device)
         mask_positions = next_positions[:, None] + torch.arange(num_masks, device=input_ids.device)  # [batch, masks]
@@ -147,20 +182,23 @@ class _Decoder:
             torch.cat([input_ids, masks], dim=1),
             torch.cat([prompt_mask, torch.ones_like(masks)], dim=1),
             torch.cat([position_ids, mask_positions], dim=1),
-            num_masks,
+            num_masks + 1,
         )
+        if num_masks:
+            self.cache.crop(-num_masks)
         self.cache_mask = prompt_mask
-        self.accept(list(range(batch)), logits)
+        self.accept(rows, logits, draft_width=0, num_masks=num_masks)
 
     def step(self, active: list[int]) -> None:
-        """Feed each active row its pending tokens plus k - 1 masks, and accept the new proposals."""
+        """Feed each active row its pending tokens, its draft and k - 1 masks; accept, and roll back rejected drafts."""
         batch = len(self.rows)
         device = self.cache_mask.device
-        num_masks = self.proposals_per_pass(active) - 1
-        real_width = max(len(self.rows[row].pending) for row in active)
+        num_masks = self.plan_pass(active)
+        draft_width = max(len(self.rows[row].draft) for row in active)
+        real_width = max(len(self.rows[row].pending) + len(self.rows[row].draft) for row in active)
         width = real_width + num_masks
 
-        # Rows not in `active` get filler only. Active rows: filler, then pending tokens, then masks.
+        # Rows not in `active` get filler only. Active rows: filler, then pending tokens and draft, then masks.
         # NOTE: finished rows still go through the model as filler. Dropping them from the cache with
         # `batch_select_indices` would save that compute in batches whose rows end at different times.
         input_ids = torch.full((batch, width), self.filler_id, dtype=torch.long)
@@ -168,20 +206,58 @@ class _Decoder:
         position_ids = torch.zeros((batch, width), dtype=torch.long)
         for row in active:
             state = self.rows[row]
-            start = real_width - len(state.pending)
-            input_ids[row, start:real_width] = torch.tensor(state.pending, dtype=torch.long)
+            real_tokens = state.pending + state.draft
+            start = real_width - len(real_tokens)
+            input_ids[row, start:real_width] = torch.tensor(real_tokens, dtype=torch.long)
             input_ids[row, real_width:] = self.settings.mask_token_id
             step_mask[row, start:] = 1
             position_ids[row, start:] = state.next_position + torch.arange(width - start)
             state.next_position += len(state.pending)
         input_ids, step_mask, position_ids = input_ids.to(device), step_mask.to(device), position_ids.to(device)
 
-        logits = self.forward(input_ids, torch.cat([self.cache_mask, step_mask], dim=1), position_ids, num_masks)
-        self.cache_mask = torch.cat([self.cache_mask, step_mask[:, :real_width]], dim=1)
-        self.accept(active, logits[active])
+        # Row i's last real token is column real_width - 1, so the kept logits start draft_width columns before it.
+        logits = self.forward(
+            input_ids, torch.cat([self.cache_mask, step_mask], dim=1), position_ids, num_masks + 1 + draft_width
+        )
+        rejected = self.accept(active, logits[active], draft_width=draft_width, num_masks=num_masks)
+        self.roll_back(step_mask[:, :real_width], num_masks, rejected)
 
-    def accept(self, active: list[int], logits: torch.Tensor) -> None:
-        """Choose proposals for the `active` rows from their logits [len(active), k, vocab] and keep a leading run."""
+    def roll_back(self, real_mask: torch.Tensor, num_masks: int, rejected: dict[int, int]) -> None:
+        """Drop the mask slots and rejected draft tokens from the cache, and extend the cache mask.
+
+        `real_mask` [batch, real_width] is the attention mask of the pass's real columns, and
+        `rejected[row]` the number of rejected draft tokens in the last real columns of that row.
+        Columns that every row rejected are cropped, and the others become holes.
+        """
+        real_width = real_mask.shape[1]
+        cropped = min(rejected.values())
+        if num_masks + cropped:
+            self.cache.crop(-(num_masks + cropped))
+        kept_mask = real_mask[:, : real_width - cropped].clone()
+        for row, count in rejected.items():
+            if count > cropped:
+                kept_mask[row, real_width - count : real_width - cropped] = 0
+        self.cache_mask = torch.cat([self.cache_mask, kept_mask], dim=1)
+
+    def accept(self, active: list[int], logits: torch.Tensor, draft_width: int, num_masks: int) -> dict[int, int]:
+        """Accept tokens for the `active` rows from the pass's kept logits [len(active), positions, vocab].
+
+        The positions are the last `draft_width` real tokens, the last real token and the mask slots.
+        Returns the number of rejected draft tokens per row, which are the last real tokens of the row.
+        """
+        if self.settings.policy.verifies:
+            accepted, rejected = self.accept_verified(active, logits, draft_width)
+        else:
+            accepted = self.accept_proposals(active, logits)
+            rejected = dict.fromkeys(active, 0)
+        self.stats.record_pass(accepted, num_masks)
+        logger.debug(
+            "masktok pass %d: %d mask slots, accepted per row %s", self.stats.forward_passes, num_masks, accepted
+        )
+        return rejected
+
+    def accept_proposals(self, active: list[int], logits: torch.Tensor) -> dict[int, int]:
+        """Choose proposals from `logits` [len(active), k, vocab] and keep each row's leading run of its own k."""
         contexts = [self.rows[row].context for row in active]
         proposals = propose(logits, contexts, self.logits_processor, self.do_sample, batch_rows=active)
         counts = self.settings.policy.accept(proposals).tolist()
@@ -190,22 +266,75 @@ class _Decoder:
         accepted: dict[int, int] = {}
         for index, row in enumerate(active):
             state = self.rows[row]
-            accepted_tokens = tokens[index][: min(counts[index], self.budget - state.accepted)]
-            end = self.find_row_end(state.context, accepted_tokens)
-            if end is not None:
-                accepted_tokens = accepted_tokens[: end + 1]
-                state.decoding = False
-            state.context = torch.cat(
-                [state.context, torch.tensor(accepted_tokens, dtype=state.context.dtype, device=state.context.device)]
-            )
-            state.pending = accepted_tokens
-            state.uncommitted.extend(accepted_tokens)
-            state.accepted += len(accepted_tokens)
-            if state.accepted >= self.budget:
-                state.decoding = False
-            accepted[row] = len(accepted_tokens)
-        self.stats.record_pass(accepted)
-        logger.debug("masktok pass %d: k=%d, accepted per row %s", self.stats.forward_passes, logits.shape[1], accepted)
+            # Proposals past the row's own k come from mask slots that only other rows asked for.
+            count = min(counts[index], state.pass_k)
+            state.count.record(offered=state.pass_k, kept=count)
+            accepted[row] = self.keep(row, tokens[index][:count], in_cache=0)
+        return accepted
+
+    def accept_verified(
+        self, active: list[int], logits: torch.Tensor, draft_width: int
+    ) -> tuple[dict[int, int], dict[int, int]]:
+        """Verify each row's draft, choose its next token and, after a fully accepted draft, its next draft.
+
+        Returns (accepted tokens per row, rejected draft tokens per row).
+        """
+        accepted: dict[int, int] = {}
+        rejected: dict[int, int] = {}
+        for index, row in enumerate(active):
+            state = self.rows[row]
+            draft = state.draft
+            processors = processors_for_row(self.logits_processor, row)
+            # [len(draft) + 1, vocab]: the base model's logits for each draft position and the token after the draft.
+            targets = logits[index, draft_width - len(draft) : draft_width + 1]
+            scores = process_scores(targets, state.context, processors, draft)
+            draft_tensor = torch.tensor(draft, dtype=torch.long, device=scores.device)
+            num_verified, next_token = VerifyPolicy.verify(scores, draft_tensor, self.do_sample)
+            state.count.record(offered=len(draft) + 1, kept=num_verified + 1)
+            self.stats.record_verification(row, proposed=len(draft), accepted=num_verified)
+            tokens = draft[:num_verified] + [next_token]
+
+            next_draft: list[int] = []
+            if num_verified == len(draft) and state.pass_k > 1:
+                # The mask slots were conditioned on the whole draft, so their proposals are valid only now.
+                mask_logits = logits[index, draft_width + 1 : draft_width + state.pass_k][None]
+                context = torch.cat(
+                    [state.context, torch.tensor(tokens, dtype=state.context.dtype, device=state.context.device)]
+                )
+                next_draft = (
+                    propose(mask_logits, [context], self.logits_processor, do_sample=False, batch_rows=[row])
+                    .tokens[0]
+                    .tolist()
+                )
+
+            state.next_position += num_verified
+            accepted[row] = self.keep(row, tokens, in_cache=num_verified)
+            # The next pass yields at most its draft plus one token, so the draft leaves one token of the budget.
+            remaining = self.budget - state.accepted
+            state.draft = next_draft[: max(0, remaining - 1)] if state.decoding else []
+            rejected[row] = len(draft) - num_verified
+        return accepted, rejected
+
+    def keep(self, row: int, tokens: list[int], in_cache: int) -> int:
+        """Add `tokens` to a row's output up to its budget and end, and return how many were kept.
+
+        The first `in_cache` of them already have their cache entries; the rest become pending.
+        """
+        state = self.rows[row]
+        tokens = tokens[: self.budget - state.accepted]
+        end = self.find_row_end(state.context, tokens)
+        if end is not None:
+            tokens = tokens[: end + 1]
+            state.decoding = False
+        state.context = torch.cat(
+            [state.context, torch.tensor(tokens, dtype=state.context.dtype, device=state.context.device)]
+        )
+        state.pending = tokens[in_cache:]
+        state.uncommitted.extend(tokens)
+        state.accepted += len(tokens)
+        if state.accepted >= self.budget:
+            state.decoding = False
+        return len(tokens)
 
     def find_row_end(self, context: torch.Tensor, accepted_tokens: list[int]) -> int | None:
         """Return the index of the first of `accepted_tokens` at which EOS or a stop string ends the row, or None."""

@@ -5,8 +5,8 @@ k predicting positions) and returns one count per row, between 1 and k. It holds
 passes, so each policy is a pure function of its inputs and is tested without a model.
 
 Position 0 of a pass is the last real token, which predicts the next token as ordinary decoding
-does, so every policy keeps at least that one. A verifying policy, which checks the previous pass's
-proposals against the next pass's real-token predictions, is meant to be one more subclass.
+does, so every policy keeps at least that one. The verify policy keeps all k proposals as a draft
+and checks the draft against the base model's predictions in the next pass (`VerifyPolicy.verify`).
 """
 
 from __future__ import annotations
@@ -44,6 +44,10 @@ class AcceptancePolicy(ABC):
     """Interface of an acceptance policy: the pass width and the number of proposals kept per row."""
 
     name: ClassVar[str]
+    verifies: ClassVar[bool] = False
+    """True when the kept proposals are a draft that the next pass checks against the base model."""
+    adapts_by_default: ClassVar[bool] = False
+    """True when the number of proposals per pass follows recent acceptance unless the caller turns it off."""
 
     def proposals_per_pass(self, max_k: int) -> int:
         """Return k, the number of predicting positions per pass (the last real token plus k - 1 mask slots)."""
@@ -66,6 +70,7 @@ class ConfAdaptPolicy(AcceptancePolicy):
     """
 
     name = "confadapt"
+    adapts_by_default = True
 
     def __init__(self, threshold: float) -> None:
         self.threshold = validate_threshold(threshold)
@@ -98,8 +103,69 @@ class OffPolicy(StaticPolicy):
         return 1
 
 
+class VerifyPolicy(AcceptancePolicy):
+    """Lossless decoding with a gated adapter: the mask slots' proposals are a draft that the base model checks.
+
+    `accept` keeps all k proposals: the first is the base model's own next token, and the other
+    k - 1 are fed as real tokens in the row's next pass. With a gated adapter, the real-token logits
+    of that pass are the base model's logits, and `verify` keeps the longest prefix of the draft that
+    they confirm plus one token of the base model's own. The output is therefore the base model's.
+    """
+
+    name = "verify"
+    verifies = True
+    adapts_by_default = True
+
+    def accept(self, proposals: Proposals) -> torch.Tensor:
+        batch, k = proposals.tokens.shape
+        return torch.full((batch,), k, dtype=torch.long, device=proposals.tokens.device)
+
+    @staticmethod
+    def verify(scores: torch.Tensor, draft: torch.Tensor, do_sample: bool) -> tuple[int, int]:
+        """Check one row's draft against the base model and return (accepted draft tokens, next token).
+
+        `scores` [m + 1, vocab] are the base model's processed scores: row i is the distribution of
+        the token at draft position i given the context and draft[:i], and row m the distribution
+        after the whole draft. `draft` [m] are the proposed token ids. The next token follows the
+        accepted prefix: the correction at the first rejected position, or a token from row m when
+        the whole draft is accepted, so every call yields at least one token.
+
+        Greedy: a draft token is accepted while it equals the argmax of its row. Sampling: the
+        draft is greedy, so its proposal distribution q is one-hot at each draft token, and
+        speculative rejection sampling accepts token d with probability min(1, p(d) / q(d)) = p(d).
+        A rejected position is resampled from normalize(max(0, p - q)), which is p with d removed.
+        Either way each emitted token has the base model's processed distribution.
+        """
+        num_draft = draft.shape[0]
+        if scores.dim() != 2 or scores.shape[0] != num_draft + 1:
+            raise MaskTokError(
+                f"verify needs one score row per draft token plus one, got scores of shape {tuple(scores.shape)} for "
+                f"a draft of {num_draft} tokens."
+            )
+        if not do_sample:
+            targets = scores.argmax(dim=-1)  # [m + 1]
+            matches = (targets[:num_draft] == draft).long()
+            accepted = int(torch.cumprod(matches, dim=0).sum()) if num_draft else 0
+            return accepted, int(targets[accepted])
+
+        probabilities = torch.softmax(scores.float(), dim=-1)  # [m + 1, vocab]
+        accepted = 0
+        if num_draft:
+            draft_probabilities = probabilities[:num_draft].gather(1, draft[:, None]).squeeze(1)  # [m]
+            # One uniform draw per position; only the draws up to the first rejection are used.
+            uniform = torch.rand(num_draft, device=scores.device)
+            matches = (uniform < draft_probabilities).long()
+            accepted = int(torch.cumprod(matches, dim=0).sum())
+        if accepted < num_draft:
+            residual = probabilities[accepted].clone()
+            residual[draft[accepted]] = 0.0
+            # The draft token was rejected, so it had probability below 1 and the residual has positive mass.
+            return accepted, int(torch.multinomial(residual / residual.sum(), num_samples=1))
+        return accepted, int(torch.multinomial(probabilities[accepted], num_samples=1))
+
+
 POLICIES: dict[str, type[AcceptancePolicy]] = {
-    policy.name: policy for policy in (ConfAdaptPolicy, StaticPolicy, OffPolicy)
+    policy.name: policy for policy in (ConfAdaptPolicy, StaticPolicy, OffPolicy, VerifyPolicy)
 }
 
 

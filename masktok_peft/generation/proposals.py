@@ -77,6 +77,27 @@ def choose_tokens(scores: torch.Tensor, do_sample: bool) -> tuple[torch.Tensor, 
     return tokens, confidence
 
 
+def process_scores(
+    logits: torch.Tensor, context: torch.Tensor, row_processors: LogitsProcessorList, tokens: list[int]
+) -> torch.Tensor:
+    """Process one row's `logits` [n, vocab] as if `tokens` followed `context`, and return the scores [n, vocab].
+
+    Position i is processed with `context` plus `tokens[:i]` as its input ids, which is what ordinary
+    decoding would see after generating those tokens. `row_processors` comes from `processors_for_row`.
+    """
+    if not row_processors:
+        return logits
+    if is_context_free(row_processors):
+        placeholder_ids = torch.zeros((logits.shape[0], 1), dtype=torch.long, device=logits.device)
+        return row_processors(placeholder_ids, logits)
+    token_tensor = torch.tensor(tokens, dtype=context.dtype, device=context.device)
+    rows = []
+    for position in range(logits.shape[0]):
+        row_ids = torch.cat([context, token_tensor[:position]])[None, :]  # [1, context + position]
+        rows.append(row_processors(row_ids, logits[position][None, :].clone()))
+    return torch.cat(rows, dim=0)
+
+
 def propose(
     logits: torch.Tensor,
     contexts: list[torch.Tensor],

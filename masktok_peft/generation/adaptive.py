@@ -1,0 +1,62 @@
+"""Adaptive pass width: how many proposals (the last real token plus mask slots) a row gets per pass.
+
+Mask slots cost compute whether or not their proposals are kept. On the 2-core CPU measured in
+`docs/benchmarks.md`, a SmolLM2-135M pass of 2 tokens costs about 2x a one-token pass, and one of
+8 tokens about 2.4x. So each row's k follows its recent acceptance, in
+the spirit of the "heuristic" draft-length schedule of transformers' assisted generation
+(`AssistedCandidateGenerator.update_candidate_strategy`, transformers 5.25), which adds 2 draft
+tokens after a fully accepted draft and removes 1 otherwise. Here:
+
+- all offered proposals kept: k grows to what was offered plus 2, up to `max_k`;
+- some rejected: k drops to one more than was kept, and by at least 1, down to `min_k`;
+- at k = 1 there are no proposals to judge, so a row probes with k = 2 after a wait that doubles
+  after each failed probe (up to `MAX_PROBE_WAIT` passes) and resets after any fully accepted pass.
+
+When proposals are rarely right, a row therefore spends almost all its passes at k = 1, which costs
+what ordinary decoding costs.
+"""
+
+from __future__ import annotations
+
+INITIAL_PROBE_WAIT = 8
+MAX_PROBE_WAIT = 128
+
+
+class ProposalCount:
+    """One row's k, the number of proposals per pass, between `min_k` and `max_k`.
+
+    With `adaptive=False`, k is always `max_k`. `next_k` is called once per pass the row takes
+    part in, and `record` once per set of proposals that has been judged.
+    """
+
+    def __init__(self, max_k: int, min_k: int = 1, adaptive: bool = True) -> None:
+        self.max_k = max_k
+        self.min_k = min(min_k, max_k)
+        self.adaptive = adaptive
+        self.k = max_k
+        self.probe_wait = INITIAL_PROBE_WAIT
+        self.countdown = 0  # passes left at k = 1 before the next probe
+
+    def next_k(self) -> int:
+        """Return k for the row's next pass, counting down to the next probe while k is 1."""
+        if not self.adaptive or self.k > 1 or self.max_k == 1:
+            return self.k
+        if self.countdown > 0:
+            self.countdown -= 1
+            return 1
+        self.countdown = self.probe_wait
+        self.probe_wait = min(2 * self.probe_wait, MAX_PROBE_WAIT)
+        return 2
+
+    def record(self, offered: int, kept: int) -> None:
+        """Update k after `kept` of `offered` proposals were kept; one proposal alone carries no evidence."""
+        if not self.adaptive or offered <= 1:
+            return
+        if kept >= offered:
+            self.k = min(self.max_k, offered + 2)
+            self.probe_wait = INITIAL_PROBE_WAIT
+            return
+        was_probing = self.k == 1
+        self.k = max(self.min_k, min(offered - 1, kept + 1))
+        if self.k == 1 and not was_probing:
+            self.countdown = self.probe_wait
