@@ -27,7 +27,24 @@ class MaskPositions:
     """
 
     def __init__(self) -> None:
-        self.is_mask: Optional[torch.Tensor] = None
+        self._is_mask: Optional[torch.Tensor] = None
+        self._row_index: Optional[torch.Tensor] = None
+
+    @property
+    def is_mask(self) -> Optional[torch.Tensor]:
+        return self._is_mask
+
+    @is_mask.setter
+    def is_mask(self, value: Optional[torch.Tensor]) -> None:
+        self._is_mask = value
+        self._row_index = None
+
+    @property
+    def row_index(self) -> torch.Tensor:
+        """Flat indices [num_mask_positions] of the mask positions, computed once per forward pass."""
+        if self._row_index is None:
+            self._row_index = self._is_mask.reshape(-1).nonzero().squeeze(1)
+        return self._row_index
 
 
 class MaskRowEmbedding(nn.Module, BaseTunerLayer):
@@ -139,7 +156,7 @@ class GatedLinear(LoraLinear):
                 f"layer got input of shape {tuple(x.shape)}. Pass input_ids (not inputs_embeds) to a masktok model."
             )
 
-        row_index = is_mask.reshape(-1).nonzero().squeeze(1)  # [num_mask_positions]
+        row_index = self.positions.row_index  # [num_mask_positions]
         if row_index.numel() == 0:
             return result
 
