@@ -48,6 +48,12 @@ def sharp_model(load_tiny, tiny_kind):
     return peft_model, tokenizer, sharpen(reference), peft_model.peft_config["default"].mask_token_id
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    # The adapters below start from random LoRA weights; a fixed seed makes each test independent of the order.
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def llama(load_tiny):
     model, tokenizer = load_tiny("llama")
@@ -360,11 +366,15 @@ def test_mask_id_never_emitted(load_tiny):
 def test_sampling_with_top_k_one_accepts_whole_blocks(llama):
     peft_model, tokenizer = llama
     inputs = encode(tokenizer, PROMPTS[:2])
-    greedy = peft_model.generate(**inputs, max_new_tokens=8, masktok_policy="static", masktok_max_k=4)
+    # min_new_tokens keeps EOS out, so that every row decodes all 8 tokens whatever the random LoRA weights are.
+    greedy = peft_model.generate(
+        **inputs, max_new_tokens=8, min_new_tokens=8, masktok_policy="static", masktok_max_k=4
+    )
     # top_k=1 makes every processed distribution one-hot, so confidence is 1 and ConfAdapt keeps all 4.
     sampled = peft_model.generate(
         **inputs,
         max_new_tokens=8,
+        min_new_tokens=8,
         do_sample=True,
         top_k=1,
         masktok_max_k=4,
