@@ -97,7 +97,7 @@ def default_model_path(gguf_path: Optional[str | os.PathLike] = None) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():
-        raise RuntimeError(f"{target} exists but holds no config.json; remove it so the default model can be rebuilt.")
+        raise RuntimeError(f"{target} exists but has no config.json; remove it so the default model can be rebuilt.")
 
     if gguf_path is not None:
         return convert_gguf(Path(gguf_path), target)
@@ -132,7 +132,7 @@ def converted_gguf_path(gguf_path: str | os.PathLike) -> Path:
         return target
     if target.exists():
         raise RuntimeError(
-            f"{target} exists but holds no config.json; remove it so {path.name} can be converted again."
+            f"{target} exists but has no config.json; remove it so {path.name} can be converted again."
         )
     target.parent.mkdir(parents=True, exist_ok=True)
     return convert_gguf(path, target)
@@ -176,7 +176,7 @@ def load_masktok_model(adapter: str, name_or_path: Optional[str] = None, dtype=N
     adapter_ref = str(adapter_path) if adapter_path.exists() else adapter
     config = peft.PeftConfig.from_pretrained(adapter_ref)
     if not isinstance(config, MaskTokConfig):
-        raise ValueError(f"{adapter} holds a {type(config).__name__} adapter, not a masktok adapter.")
+        raise ValueError(f"{adapter} contains a {type(config).__name__} adapter, not a masktok adapter.")
     base = name_or_path or config.base_model_name_or_path
     if base is None:
         raise ValueError(f"The adapter at {adapter} names no base model; pass the base model's Hub id or folder.")

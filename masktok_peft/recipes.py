@@ -137,16 +137,16 @@ def load_recipe_dataset(recipe: Recipe):
 
 
 def check_output_dir(output_dir: str, resume: bool) -> None:
-    """Reject an output folder that holds a finished adapter, or checkpoints that would be ignored."""
+    """Reject an output folder that contains a finished adapter, or checkpoints that would be ignored."""
     folder = Path(output_dir)
     if (folder / "adapter_config.json").is_file():
         raise MaskTokError(
-            f"{folder} already holds a trained adapter. Choose another training.output_dir, or move that adapter."
+            f"{folder} already contains a trained adapter. Choose another training.output_dir, or move that adapter."
         )
     checkpoints = sorted(folder.glob("checkpoint-*")) if folder.is_dir() else []
     if checkpoints and not resume:
         raise MaskTokError(
-            f"{folder} holds checkpoints ({checkpoints[-1].name} is the latest). Pass --resume to continue that run, "
+            f"{folder} contains checkpoints ({checkpoints[-1].name} is the latest). Pass --resume to continue that run, "
             "or choose another training.output_dir."
         )
 

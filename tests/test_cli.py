@@ -210,4 +210,4 @@ def test_tiny_recipe_trains_and_saves(capsys, tiny_model_dirs, tmp_path):
     # A second run into the same folder is rejected rather than overwriting the adapter.
     code, _, err = run_cli(capsys, "train", str(recipe_path))
     assert code == 2
-    assert "already holds a trained adapter" in err
+    assert "already contains a trained adapter" in err

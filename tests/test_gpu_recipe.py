@@ -251,7 +251,7 @@ def test_gguf_incomplete_folder_kept(tiny_gguf, isolated_cache):
     path, _ = tiny_gguf
     target = Path(models.resolve_model(str(path)))
     (target / "config.json").unlink()
-    with pytest.raises(RuntimeError, match="holds no config.json"):
+    with pytest.raises(RuntimeError, match="has no config.json"):
         models.resolve_model(str(path))
     assert (target / "model.safetensors").is_file()
 
