@@ -7,10 +7,11 @@ import peft
 import pytest
 import torch
 import yaml
+from cli_runner import run_cli
 from transformers import AutoModelForCausalLM
 
 from masktok_peft import MaskTokConfig
-from masktok_peft.cli import SUBCOMMANDS, main
+from masktok_peft.cli import SUBCOMMANDS
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -43,14 +44,6 @@ def fake_gsm8k(tmp_path):
     return path
 
 
-def run_cli(capsys, *argv):
-    """Run `masktok ARGV` in this process; return (exit code, stdout, stderr)."""
-    try:
-        code = main(list(argv))
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.mark.parametrize("command", [[]] + [[name] for name in SUBCOMMANDS] + [["eval", "gsm8k"]])

@@ -4,21 +4,14 @@ import json
 
 import pytest
 import torch
+from cli_runner import run_cli
 
 from masktok_peft import load_default_adapter
-from masktok_peft.cli import main
 from masktok_peft.models import DEFAULT_ADAPTER_DIR
 
 pytestmark = pytest.mark.slow
 
 
-def run_cli(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_default_adapter_is_shipped():

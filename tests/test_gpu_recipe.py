@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from cli_runner import run_cli
 from gguf import GGUFWriter, TokenType
 from transformers import TrainerControl
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from masktok_peft import models
-from masktok_peft.cli import main
 from masktok_peft.errors import MaskTokError
 from masktok_peft.recipes import build_configs, load_recipe
 from masktok_peft.training import MaskTokTrainingConfig
@@ -145,14 +145,6 @@ def gsm8k_folder(tmp_path):
     return folder
 
 
-def run_cli(capsys, *argv):
-    """Run `masktok ARGV` in this process; return (exit code, stdout, stderr)."""
-    try:
-        code = main(list(argv))
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def parse_summary(output: str) -> dict:
