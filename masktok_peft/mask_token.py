@@ -91,7 +91,7 @@ def select_mask_token(
             return MaskTokenChoice(first_spare, "spare")
     else:
         logger.warning(
-            "No tokenizer was found, so reserved tokens and spare rows cannot be told apart from ordinary "
+            "No tokenizer was found, so reserved tokens and spare rows cannot be distinguished from ordinary "
             "tokens; using a new row %d past the end of the embedding matrix as the mask row. Set "
             "tokenizer_name_or_path in MaskTokConfig to let a reserved or spare row be chosen.",
             embedding_rows,

@@ -6,7 +6,7 @@ tables the way `register_peft_method` does.
 
 The member's value is what `adapter_config.json` stores as `peft_type`. A process that loads the
 adapter without importing this package fails on PEFT's own lookup of that value, with a
-`KeyError` whose text is the value, so the value itself tells the reader what to do.
+`KeyError` whose text is the value, so the value itself names the fix.
 """
 
 from __future__ import annotations
