@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import statistics
 from pathlib import Path
@@ -30,7 +31,8 @@ RESULTS_FILE = "results.json"
 OUTPUTS_FILE = "outputs.jsonl"
 TABLE_FILE = "results.md"
 PLOT_FILE = "speedup_vs_fidelity.png"
-DOCS_PLOT_FILE = "decoding_speedup_vs_fidelity.png"
+DEFAULT_DOCS_SECTION = "results"
+DOCS_SECTION_PATTERN = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
 DOCS_BEGIN = "<!-- masktok bench results: begin -->"
 DOCS_END = "<!-- masktok bench results: end -->"
 
@@ -325,20 +327,44 @@ def plot_speedup_fidelity(result: BenchmarkResult, path: str | os.PathLike) -> P
     return path
 
 
-def update_docs(docs_file: str | os.PathLike, section: str) -> Path:
-    """Put `section` between the results markers of a Markdown file, replacing what they enclosed.
+def validate_docs_section(name: str) -> str:
+    """Return `name` if it can name a docs section (lowercase letters, digits and single hyphens), else raise."""
+    if not isinstance(name, str) or not DOCS_SECTION_PATTERN.fullmatch(name):
+        raise ValueError(
+            f"Docs section name {name!r} is not valid. Use lowercase letters, digits and hyphens, such as "
+            "'gated-vs-ungated'."
+        )
+    return name
 
-    A file without the markers gets them, with the section, appended at its end. A missing file is created.
+
+def docs_markers(name: str = DEFAULT_DOCS_SECTION) -> tuple[str, str]:
+    """Return the begin and end markers that enclose the docs section `name` in a Markdown file."""
+    validate_docs_section(name)
+    return f"<!-- masktok bench {name}: begin -->", f"<!-- masktok bench {name}: end -->"
+
+
+def docs_plot_file(name: str = DEFAULT_DOCS_SECTION) -> str:
+    """Return the file name of the plot copied next to the docs for section `name`."""
+    validate_docs_section(name)
+    return "decoding_speedup_vs_fidelity.png" if name == DEFAULT_DOCS_SECTION else f"decoding_{name}.png"
+
+
+def update_docs(docs_file: str | os.PathLike, section: str, name: str = DEFAULT_DOCS_SECTION) -> Path:
+    """Put `section` between the markers of docs section `name` in a Markdown file, replacing what they enclosed.
+
+    Other sections are left alone. A file without the markers gets them, with the section, appended
+    at its end. A missing file is created.
     """
+    begin_marker, end_marker = docs_markers(name)
     path = Path(docs_file)
     text = path.read_text(encoding="utf-8") if path.exists() else ""
-    block = f"{DOCS_BEGIN}\n{section.rstrip()}\n{DOCS_END}"
-    begin, end = text.find(DOCS_BEGIN), text.find(DOCS_END)
+    block = f"{begin_marker}\n{section.rstrip()}\n{end_marker}"
+    begin, end = text.find(begin_marker), text.find(end_marker)
     if begin >= 0 and end > begin:
-        text = text[:begin] + block + text[end + len(DOCS_END) :]
+        text = text[:begin] + block + text[end + len(end_marker) :]
     elif begin >= 0 or end >= 0:
         raise ValueError(
-            f"{path} contains only one of the markers {DOCS_BEGIN!r} and {DOCS_END!r}. Add the missing one or "
+            f"{path} contains only one of the markers {begin_marker!r} and {end_marker!r}. Add the missing one or "
             "remove the other."
         )
     else:
@@ -352,12 +378,13 @@ def write_report(
     output_dir: str | os.PathLike,
     plot: bool = True,
     docs_file: str | os.PathLike | None = None,
+    docs_section: str = DEFAULT_DOCS_SECTION,
 ) -> dict[str, Path]:
     """Write results.json, outputs.jsonl, results.md and (with `plot`) the plot. Returns the paths by kind.
 
-    With `docs_file`, the Markdown section also goes between the results markers of that file, and
-    the plot is copied next to it as decoding_speedup_vs_fidelity.png, so the docs do not link into
-    the output folder.
+    With `docs_file`, the Markdown section also goes between the markers of docs section
+    `docs_section` in that file, and the plot is copied next to it (see `docs_plot_file`), so the
+    docs do not link into the output folder.
     """
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -373,11 +400,10 @@ def write_report(
     paths["markdown"].write_text(render_markdown(result, PLOT_FILE if plot else None), encoding="utf-8")
 
     if docs_file is not None:
-        docs_plot = None
+        plot_name = docs_plot_file(docs_section)
         if plot:
-            docs_plot = Path(docs_file).parent / DOCS_PLOT_FILE
-            shutil.copyfile(paths["plot"], docs_plot)
-            paths["docs_plot"] = docs_plot
-        paths["docs"] = update_docs(docs_file, render_markdown(result, DOCS_PLOT_FILE if plot else None))
+            paths["docs_plot"] = Path(docs_file).parent / plot_name
+            shutil.copyfile(paths["plot"], paths["docs_plot"])
+        paths["docs"] = update_docs(docs_file, render_markdown(result, plot_name if plot else None), docs_section)
     logger.info("Wrote the benchmark report to %s.", folder)
     return paths

@@ -146,8 +146,8 @@ def check_output_dir(output_dir: str, resume: bool) -> None:
     checkpoints = sorted(folder.glob("checkpoint-*")) if folder.is_dir() else []
     if checkpoints and not resume:
         raise MaskTokError(
-            f"{folder} contains checkpoints ({checkpoints[-1].name} is the latest). Pass --resume to continue that run, "
-            "or choose another training.output_dir."
+            f"{folder} contains checkpoints ({checkpoints[-1].name} is the latest). Pass --resume to continue that "
+            "run, or choose another training.output_dir."
         )
 
 

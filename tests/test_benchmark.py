@@ -8,7 +8,14 @@ import torch
 
 from masktok_peft import MaskTokConfig, MaskTokError
 from masktok_peft.benchmark import BenchmarkSettings, continuation_nll, parse_method, run_benchmark
-from masktok_peft.benchmark_report import DOCS_BEGIN, DOCS_END, render_table, update_docs
+from masktok_peft.benchmark_report import (
+    DOCS_BEGIN,
+    DOCS_END,
+    docs_markers,
+    docs_plot_file,
+    render_table,
+    update_docs,
+)
 from masktok_peft.cli import main
 from masktok_peft.generation.policies import POLICIES
 from masktok_peft.models import load_masktok_model
@@ -120,6 +127,31 @@ def test_update_docs_replaces_block(tmp_path):
     assert text.startswith("# Benchmarks\n\n## Training\n\nOther section.\n")
 
 
+def test_update_docs_named_sections_stay_apart(tmp_path):
+    docs = tmp_path / "benchmarks.md"
+    update_docs(docs, "### Default run\n")
+    update_docs(docs, "### Ablation one\n", "gated-vs-ungated")
+    update_docs(docs, "### Ablation two\n", "gated-vs-ungated")
+    text = docs.read_text()
+    begin, end = docs_markers("gated-vs-ungated")
+    assert begin == "<!-- masktok bench gated-vs-ungated: begin -->"
+    assert text.count(begin) == 1
+    assert text.count(end) == 1
+    assert "### Default run" in text
+    assert "Ablation one" not in text
+    assert text.index(DOCS_END) < text.index("### Ablation two") < text.index(end)
+    assert docs_markers() == (DOCS_BEGIN, DOCS_END)
+    assert docs_plot_file() == "decoding_speedup_vs_fidelity.png"
+    assert docs_plot_file("gated-vs-ungated") == "decoding_gated-vs-ungated.png"
+
+
+@pytest.mark.parametrize("name", ["", "Gated", "a b", "../up", "a--b", "-a"])
+def test_docs_section_name_rejected(tmp_path, name):
+    with pytest.raises(ValueError, match="lowercase letters, digits and hyphens"):
+        update_docs(tmp_path / "benchmarks.md", "### Run\n", name)
+    assert not (tmp_path / "benchmarks.md").exists()
+
+
 def test_update_docs_one_marker(tmp_path):
     docs = tmp_path / "benchmarks.md"
     docs.write_text(f"# Benchmarks\n{DOCS_BEGIN}\n")
@@ -156,6 +188,14 @@ def test_bench_rejects_same_labels(adapters, gsm8k_file, tmp_path, capsys):
         main(argv)
     assert raised.value.code == 2
     assert "Pass --label and --compare-label" in capsys.readouterr().err
+
+
+def test_bench_bad_docs_section(gsm8k_file, tmp_path, capsys):
+    argv = ["bench", "--quick", "--data", str(gsm8k_file), "--docs-section", "Gated vs ungated"]
+    with pytest.raises(SystemExit) as raised:
+        main(argv)
+    assert raised.value.code == 2
+    assert "'Gated vs ungated' is not valid" in capsys.readouterr().err
 
 
 def test_bench_missing_docs_folder(gsm8k_file, tmp_path, capsys):

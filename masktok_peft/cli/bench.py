@@ -13,6 +13,7 @@ import shlex
 from pathlib import Path
 
 from ..benchmark import DEFAULT_BATCH_SIZES, DEFAULT_METHODS
+from ..benchmark_report import DEFAULT_DOCS_SECTION, validate_docs_section
 from .common import positive_int
 
 # --quick: a smoke run that checks the whole pipeline in seconds on a tiny model, or minutes on a real one.
@@ -104,8 +105,17 @@ def add_parser(subparsers, name: str) -> None:
         ),
         parser.add_argument(
             "--docs-file",
-            help="Also write the report section into this Markdown file (such as docs/benchmarks.md), between its "
-            "results markers, and copy the plot next to it.",
+            help="Also write the report section into this Markdown file (such as docs/benchmarks.md), between the "
+            "markers of --docs-section, and copy the plot next to it.",
+        ),
+        parser.add_argument(
+            "--docs-section",
+            type=_docs_section,
+            default=DEFAULT_DOCS_SECTION,
+            metavar="NAME",
+            help="Which section of --docs-file to replace: the one between '<!-- masktok bench NAME: begin -->' and "
+            "'<!-- masktok bench NAME: end -->'. Other sections stay. The plot is copied as "
+            f"decoding_NAME.png. Default: {DEFAULT_DOCS_SECTION} (plot decoding_speedup_vs_fidelity.png).",
         ),
         parser.add_argument("--no-plot", action="store_true", help="Skip the plot, which needs matplotlib."),
         parser.add_argument(
@@ -116,6 +126,13 @@ def add_parser(subparsers, name: str) -> None:
         ),
     ]
     parser.set_defaults(bench_options=options)
+
+
+def _docs_section(value: str) -> str:
+    try:
+        return validate_docs_section(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -225,7 +242,9 @@ def run(args: argparse.Namespace) -> int:
     result.metadata["split"] = args.split
     for label, path in paths.items():
         result.metadata["adapters"][label]["path"] = path
-    written = write_report(result, args.output_dir, plot=not args.no_plot, docs_file=args.docs_file)
+    written = write_report(
+        result, args.output_dir, plot=not args.no_plot, docs_file=args.docs_file, docs_section=args.docs_section
+    )
 
     print(render_table(result))
     print()
