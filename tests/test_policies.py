@@ -270,8 +270,28 @@ def test_proposal_count_probes_with_growing_wait():
     gaps = [later - earlier for earlier, later in zip(probes[:-1], probes[1:], strict=True)]
     assert set(widths) == {1, 2}
     assert gaps == sorted(gaps)  # the wait between probes never shrinks while probes fail
-    assert max(gaps) == MAX_PROBE_WAIT + 1
-    assert len(probes) <= 10  # waits of 4, 8, 16, 32, then 64 passes
+    assert max(gaps) == MAX_PROBE_WAIT
+    assert len(probes) <= 10  # on passes 8, 16, 32, 64, 128, then every 128 passes
+
+
+def test_proposal_counts_probe_on_shared_passes():
+    # Row i keeps every proposal on its first i passes and none after, so the rows drop to k = 1 on
+    # different passes and with different probe waits.
+    counts = [ProposalCount(max_k=8) for _ in range(4)]
+    probe_passes = []
+    for row, count in enumerate(counts):
+        passes = set()
+        for pass_number in range(1, 400):
+            k = count.next_k()
+            count.record(offered=k, kept=k if pass_number <= row else 1)
+            if pass_number > 20 and k == 2:
+                passes.add(pass_number)
+        probe_passes.append(passes)
+    assert all(probe_passes)
+    # Nested sets: each probe of a row falls on a pass where every row with more probes probes too.
+    by_size = sorted(probe_passes, key=len)
+    for smaller, larger in zip(by_size[:-1], by_size[1:], strict=True):
+        assert smaller <= larger
 
 
 def test_proposal_count_successful_probe_widens():

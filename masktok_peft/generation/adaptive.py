@@ -9,11 +9,16 @@ tokens after a fully accepted draft and removes 1 otherwise. Here:
 
 - all offered proposals kept: k grows to what was offered plus 2, up to `max_k`;
 - some rejected: k drops to one more than was kept, and by at least 1, down to `min_k`;
-- at k = 1 there are no proposals to judge, so a row probes with k = 2 after a wait that doubles
-  after each failed probe (up to `MAX_PROBE_WAIT` passes) and resets after any fully accepted pass.
+- at k = 1 there are no proposals to judge, so a row probes with k = 2 on the passes whose number
+  (counted from the row's first pass) is a multiple of its probe wait. The wait starts at
+  `INITIAL_PROBE_WAIT`, doubles after each probe up to `MAX_PROBE_WAIT`, and resets after any
+  fully accepted pass.
 
 When proposals are rarely right, a row therefore spends almost all its passes at k = 1, which costs
-what ordinary decoding costs.
+what ordinary decoding costs. The probe waits are powers of two and all rows of a batch count
+passes from the same first pass, so the probes of rows at k = 1 fall on the same passes: a batch
+of 8 such rows pays for about as many wide passes as one row does. The schedule depends only on the
+row's own passes and proposals, so a row's k, and so its output, is the same in a batch as alone.
 """
 
 from __future__ import annotations
@@ -35,16 +40,15 @@ class ProposalCount:
         self.adaptive = adaptive
         self.k = max_k
         self.probe_wait = INITIAL_PROBE_WAIT
-        self.countdown = 0  # passes left at k = 1 before the next probe
+        self.passes = 0  # passes the row has taken part in, counting the one being planned
 
     def next_k(self) -> int:
-        """Return k for the row's next pass, counting down to the next probe while k is 1."""
+        """Return k for the row's next pass: 2 when a row at k = 1 probes on this pass, else its k."""
+        self.passes += 1
         if not self.adaptive or self.k > 1 or self.max_k == 1:
             return self.k
-        if self.countdown > 0:
-            self.countdown -= 1
+        if self.passes % self.probe_wait:
             return 1
-        self.countdown = self.probe_wait
         self.probe_wait = min(2 * self.probe_wait, MAX_PROBE_WAIT)
         return 2
 
@@ -56,7 +60,4 @@ class ProposalCount:
             self.k = min(self.max_k, offered + 2)
             self.probe_wait = INITIAL_PROBE_WAIT
             return
-        was_probing = self.k == 1
         self.k = max(self.min_k, min(offered - 1, kept + 1))
-        if self.k == 1 and not was_probing:
-            self.countdown = self.probe_wait
