@@ -274,6 +274,22 @@ def test_proposal_count_probes_with_growing_wait():
     assert len(probes) <= 10  # on passes 8, 16, 32, 64, 128, then every 128 passes
 
 
+def test_proposal_count_waits_before_first_probe():
+    count = ProposalCount(max_k=8)
+    for _ in range(12):  # keep everything for 12 passes, then drop to k = 1 on pass 15
+        k = count.next_k()
+        count.record(offered=k, kept=k)
+    widths = []
+    for _ in range(60):
+        k = count.next_k()
+        widths.append(k)
+        count.record(offered=k, kept=1)
+    drop = widths.index(1)
+    first_probe = widths.index(2, drop)
+    assert first_probe - drop >= 8  # a full initial wait at k = 1, even though pass 16 is a multiple of 8
+    assert (13 + first_probe) % 8 == 0  # the probe falls on a pass number that is a multiple of the wait
+
+
 def test_proposal_counts_probe_on_shared_passes():
     # Row i keeps every proposal on its first i passes and none after, so the rows drop to k = 1 on
     # different passes and with different probe waits.

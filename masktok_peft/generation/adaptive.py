@@ -9,10 +9,10 @@ tokens after a fully accepted draft and removes 1 otherwise. Here:
 
 - all offered proposals kept: k grows to what was offered plus 2, up to `max_k`;
 - some rejected: k drops to one more than was kept, and by at least 1, down to `min_k`;
-- at k = 1 there are no proposals to judge, so a row probes with k = 2 on the passes whose number
-  (counted from the row's first pass) is a multiple of its probe wait. The wait starts at
-  `INITIAL_PROBE_WAIT`, doubles after each probe up to `MAX_PROBE_WAIT`, and resets after any
-  fully accepted pass.
+- at k = 1 there are no proposals to judge, so a row probes with k = 2 after a wait of at least
+  `probe_wait` passes, on the first pass whose number (counted from the row's first pass) is a
+  multiple of `probe_wait`. The wait starts at `INITIAL_PROBE_WAIT`, doubles after each probe up
+  to `MAX_PROBE_WAIT`, and resets after any fully accepted pass.
 
 When proposals are rarely right, a row therefore spends almost all its passes at k = 1, which costs
 what ordinary decoding costs. The probe waits are powers of two and all rows of a batch count
@@ -41,15 +41,17 @@ class ProposalCount:
         self.k = max_k
         self.probe_wait = INITIAL_PROBE_WAIT
         self.passes = 0  # passes the row has taken part in, counting the one being planned
+        self.next_probe = 0  # number of the pass on which a row at k = 1 probes next
 
     def next_k(self) -> int:
         """Return k for the row's next pass: 2 when a row at k = 1 probes on this pass, else its k."""
         self.passes += 1
         if not self.adaptive or self.k > 1 or self.max_k == 1:
             return self.k
-        if self.passes % self.probe_wait:
+        if self.passes < self.next_probe:
             return 1
         self.probe_wait = min(2 * self.probe_wait, MAX_PROBE_WAIT)
+        self.next_probe = _next_multiple(self.passes + 1, self.probe_wait)
         return 2
 
     def record(self, offered: int, kept: int) -> None:
@@ -60,4 +62,13 @@ class ProposalCount:
             self.k = min(self.max_k, offered + 2)
             self.probe_wait = INITIAL_PROBE_WAIT
             return
+        was_probing = self.k == 1
         self.k = max(self.min_k, min(offered - 1, kept + 1))
+        if self.k == 1 and not was_probing:
+            # A full wait at k = 1 before the first probe, which then falls on a multiple of the wait.
+            self.next_probe = _next_multiple(self.passes + self.probe_wait, self.probe_wait)
+
+
+def _next_multiple(number: int, step: int) -> int:
+    """Return the smallest multiple of `step` that is >= `number`."""
+    return -(-number // step) * step
