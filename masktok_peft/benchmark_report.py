@@ -349,24 +349,48 @@ def docs_plot_file(name: str = DEFAULT_DOCS_SECTION) -> str:
     return "decoding_speedup_vs_fidelity.png" if name == DEFAULT_DOCS_SECTION else f"decoding_{name}.png"
 
 
+def _find_section(text: str, path: Path, name: str) -> tuple[int, int] | None:
+    """Return the offsets of section `name`'s begin marker and of the end of its end marker, or None if absent."""
+    begin_marker, end_marker = docs_markers(name)
+    begins, ends = text.count(begin_marker), text.count(end_marker)
+    if begins == 0 and ends == 0:
+        return None
+    if begins != 1 or ends != 1:
+        raise ValueError(
+            f"{path} must contain the markers {begin_marker!r} and {end_marker!r} once each, but contains them "
+            f"{begins} and {ends} times. Remove the extra markers or add the missing one."
+        )
+    begin, end = text.index(begin_marker), text.index(end_marker)
+    if end < begin:
+        raise ValueError(f"In {path}, the marker {end_marker!r} comes before {begin_marker!r}. Swap them.")
+    return begin, end + len(end_marker)
+
+
+def check_docs_file(docs_file: str | os.PathLike, name: str = DEFAULT_DOCS_SECTION) -> None:
+    """Check that `update_docs` can write section `name` into this file, so that a long run fails before it starts."""
+    path = Path(docs_file)
+    if path.is_dir():
+        raise ValueError(f"The docs file {path} is a folder. Pass a Markdown file, such as {path / 'benchmarks.md'}.")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"The folder of the docs file {path} does not exist. Create it, or pass another file.")
+    if path.exists():
+        _find_section(path.read_text(encoding="utf-8"), path, name)
+
+
 def update_docs(docs_file: str | os.PathLike, section: str, name: str = DEFAULT_DOCS_SECTION) -> Path:
     """Put `section` between the markers of docs section `name` in a Markdown file, replacing what they enclosed.
 
     Other sections are left alone. A file without the markers gets them, with the section, appended
     at its end. A missing file is created.
     """
+    check_docs_file(docs_file, name)
     begin_marker, end_marker = docs_markers(name)
     path = Path(docs_file)
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     block = f"{begin_marker}\n{section.rstrip()}\n{end_marker}"
-    begin, end = text.find(begin_marker), text.find(end_marker)
-    if begin >= 0 and end > begin:
-        text = text[:begin] + block + text[end + len(end_marker) :]
-    elif begin >= 0 or end >= 0:
-        raise ValueError(
-            f"{path} contains only one of the markers {begin_marker!r} and {end_marker!r}. Add the missing one or "
-            "remove the other."
-        )
+    found = _find_section(text, path, name)
+    if found is not None:
+        text = text[: found[0]] + block + text[found[1] :]
     else:
         text = (text.rstrip() + "\n\n" if text.strip() else "") + block + "\n"
     path.write_text(text, encoding="utf-8")
@@ -401,9 +425,10 @@ def write_report(
 
     if docs_file is not None:
         plot_name = docs_plot_file(docs_section)
+        # Text first, so that a file that cannot be updated keeps the plot that matches its table.
+        paths["docs"] = update_docs(docs_file, render_markdown(result, plot_name if plot else None), docs_section)
         if plot:
             paths["docs_plot"] = Path(docs_file).parent / plot_name
             shutil.copyfile(paths["plot"], paths["docs_plot"])
-        paths["docs"] = update_docs(docs_file, render_markdown(result, plot_name if plot else None), docs_section)
     logger.info("Wrote the benchmark report to %s.", folder)
     return paths

@@ -98,6 +98,9 @@ class MaskTokConfig(LoraConfig):
     def _validate_masktok_fields(self) -> None:
         if isinstance(self.max_k, bool) or not isinstance(self.max_k, int) or self.max_k < 1:
             raise MaskTokError(f"max_k must be an integer >= 1, got {self.max_k!r}.")
+        if not isinstance(self.gated, bool):
+            # A string such as "false" is truthy, so it would silently give a gated adapter.
+            raise MaskTokError(f"gated must be True or False, got {self.gated!r}.")
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
             raise MaskTokError(f"threshold must be a number in (0, 1], got {self.threshold!r}.")
         if not 0.0 < self.threshold <= 1.0:

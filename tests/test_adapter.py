@@ -64,6 +64,8 @@ def test_config_fields_have_help():
         ({"mask_token_id": -1}, "mask_token_id"),
         ({"trainable_token_indices": [5]}, "trainable_token_indices"),
         ({"use_dora": True}, "use_dora"),
+        ({"gated": "false"}, "gated must be True or False"),
+        ({"gated": 0}, "gated must be True or False"),
     ],
 )
 def test_config_rejects_bad_values(overrides, fragment):

@@ -152,11 +152,20 @@ def test_docs_section_name_rejected(tmp_path, name):
     assert not (tmp_path / "benchmarks.md").exists()
 
 
-def test_update_docs_one_marker(tmp_path):
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (f"# Benchmarks\n{DOCS_BEGIN}\n", "contains them 1 and 0 times"),
+        (f"{DOCS_BEGIN}\n{DOCS_END}\n{DOCS_BEGIN}\n{DOCS_END}\n", "contains them 2 and 2 times"),
+        (f"{DOCS_END}\n### Run\n{DOCS_BEGIN}\n", "comes before"),
+    ],
+)
+def test_update_docs_bad_markers(tmp_path, text, message):
     docs = tmp_path / "benchmarks.md"
-    docs.write_text(f"# Benchmarks\n{DOCS_BEGIN}\n")
-    with pytest.raises(ValueError, match="only one of the markers"):
+    docs.write_text(text)
+    with pytest.raises(ValueError, match=message):
         update_docs(docs, "### Run\n")
+    assert docs.read_text() == text
 
 
 @pytest.fixture
@@ -196,6 +205,24 @@ def test_bench_bad_docs_section(gsm8k_file, tmp_path, capsys):
         main(argv)
     assert raised.value.code == 2
     assert "'Gated vs ungated' is not valid" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("docs_text", [None, f"# Benchmarks\n{DOCS_BEGIN}\n"])
+def test_bench_checks_docs_file_first(gsm8k_file, tmp_path, capsys, docs_text):
+    # A folder, or a file with one marker, fails before any model is loaded (no --adapter is needed to get there).
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    if docs_text is not None:
+        docs = docs / "benchmarks.md"
+        docs.write_text(docs_text)
+    argv = ["bench", "--quick", "--data", str(gsm8k_file), "--docs-file", str(docs), "--output-dir", str(tmp_path)]
+    argv += ["--model", str(tmp_path / "no-such-model")]
+    with pytest.raises(SystemExit) as raised:
+        main(argv)
+    assert raised.value.code == 2
+    error = capsys.readouterr().err
+    assert str(docs) in error
+    assert "no-such-model" not in error
 
 
 def test_bench_missing_docs_folder(gsm8k_file, tmp_path, capsys):

@@ -206,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..benchmark import BenchmarkSettings, run_benchmark
-    from ..benchmark_report import render_table, write_report
+    from ..benchmark_report import check_docs_file, render_table, write_report
     from ..data import load_training_dataset, require_columns
 
     limit = args.limit or (QUICK_LIMIT if args.quick else None)
@@ -217,10 +217,8 @@ def run(args: argparse.Namespace) -> int:
         max_k=args.max_k,
     )
     # Checked before loading anything, so that a missing package or folder does not cost a finished run.
-    if args.docs_file is not None and not Path(args.docs_file).parent.is_dir():
-        raise FileNotFoundError(
-            f"The folder of --docs-file {args.docs_file} does not exist. Create it, or pass another file."
-        )
+    if args.docs_file is not None:
+        check_docs_file(args.docs_file, args.docs_section)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     if not args.no_plot and importlib.util.find_spec("matplotlib") is None:
         raise ValueError(
