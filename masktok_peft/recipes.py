@@ -108,6 +108,8 @@ def build_configs(recipe: Recipe):
         training_config = MaskTokTrainingConfig(**recipe.training)
     except TypeError as error:
         raise MaskTokError(f"Recipe {recipe.source}: {error}. Check the key names against the config fields.") from None
+    # The checks that need both configs, which the trainer repeats, so that --dry-run catches them too.
+    training_config.resolve_block_settings(adapter_config)
     return adapter_config, training_config
 
 

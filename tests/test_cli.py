@@ -15,6 +15,7 @@ from masktok_peft.cli import SUBCOMMANDS
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+DEFAULT_RECIPE = REPO / "recipes" / "smollm2-135m-gsm8k.yaml"
 
 
 @pytest.fixture(autouse=True)
@@ -168,6 +169,32 @@ def test_recipe_override_errors(capsys):
     code, _, err = run_cli(capsys, "train", str(RECIPES[0]), "--dry-run", "--set", "adapter.threshold=2")
     assert code == 2
     assert "threshold" in err
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["adapter.gated=false"], "layout='cached' needs an adapter with gated=True"),
+        (["adapter.max_k=4"], "must be at most the adapter config's max_k (4)"),
+        (["adapter.gated=maybe"], "gated must be True or False"),
+    ],
+)
+def test_dry_run_checks_both_configs(capsys, overrides, message):
+    argv = ["train", str(DEFAULT_RECIPE), "--dry-run"]
+    for override in overrides:
+        argv += ["--set", override]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert message in err
+    assert "valid" not in out
+
+
+def test_dry_run_ungated_packed_is_valid(capsys):
+    argv = ["train", str(DEFAULT_RECIPE), "--dry-run", "--set", "adapter.gated=false"]
+    argv += ["--set", "training.layout=packed"]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert "valid" in out
 
 
 def test_tiny_recipe_trains_and_saves(capsys, tiny_model_dirs, tmp_path):

@@ -250,3 +250,29 @@ class MaskTokTrainingConfig(SFTConfig):
             raise MaskTokError(f"on_policy_temperature must be > 0, got {self.on_policy_temperature!r}.")
         if not _is_number(self.on_policy_top_p) or not 0.0 < self.on_policy_top_p <= 1.0:
             raise MaskTokError(f"on_policy_top_p must be in (0, 1], got {self.on_policy_top_p!r}.")
+
+    def resolve_block_settings(self, adapter_config) -> tuple[int, float]:
+        """Return (max_k, threshold), taking each from `adapter_config` where unset here, and check them."""
+        max_k = self.max_k if self.max_k is not None else adapter_config.max_k
+        threshold = self.threshold if self.threshold is not None else adapter_config.threshold
+        if max_k > adapter_config.max_k:
+            raise MaskTokError(
+                f"max_k ({max_k}) must be at most the adapter config's max_k ({adapter_config.max_k}), the "
+                "largest block the adapter is meant to decode. Lower max_k, or raise MaskTokConfig.max_k."
+            )
+        if max_k < self.min_k:
+            raise MaskTokError(
+                f"max_k ({max_k}, from {'args' if self.max_k is not None else 'the adapter config'}) must be "
+                f">= min_k ({self.min_k}). Set max_k in MaskTokTrainingConfig or MaskTokConfig, or lower min_k."
+            )
+        if self.layout == "packed" and self.region_size <= max_k - 1:
+            raise MaskTokError(
+                f"region_size ({self.region_size}) must be larger than max_k - 1 ({max_k - 1}) so that each "
+                "region keeps at least one real token. Raise region_size or lower max_k."
+            )
+        if self.layout == "cached" and not adapter_config.gated:
+            raise MaskTokError(
+                "layout='cached' needs an adapter with gated=True: only then do the real tokens see exactly the base "
+                "model, so one text pass serves student and teacher. Use layout='packed' or MaskTokConfig(gated=True)."
+            )
+        return max_k, threshold

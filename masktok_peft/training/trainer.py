@@ -132,7 +132,7 @@ class MaskTokTrainer(SFTTrainer):
                 f"MaskTokTrainer trains masktok adapters, but the adapter config is {type(adapter_config).__name__}. "
                 "Pass a MaskTokConfig as peft_config."
             )
-        self._resolve_block_settings(args, adapter_config)
+        self.max_k, self.threshold = args.resolve_block_settings(adapter_config)
 
         if args.on_policy:
             if isinstance(model, str):
@@ -162,31 +162,6 @@ class MaskTokTrainer(SFTTrainer):
         self._micro_step = 0
         self._eval_batch = 0
         self._total_supervised_positions = 0
-
-    def _resolve_block_settings(self, args: MaskTokTrainingConfig, adapter_config: MaskTokConfig) -> None:
-        """Set max_k and threshold from the adapter config where args leaves them unset, and check them."""
-        self.max_k = args.max_k if args.max_k is not None else adapter_config.max_k
-        self.threshold = args.threshold if args.threshold is not None else adapter_config.threshold
-        if self.max_k > adapter_config.max_k:
-            raise MaskTokError(
-                f"max_k ({self.max_k}) must be at most the adapter config's max_k ({adapter_config.max_k}), the "
-                "largest block the adapter is meant to decode. Lower max_k, or raise MaskTokConfig.max_k."
-            )
-        if self.max_k < args.min_k:
-            raise MaskTokError(
-                f"max_k ({self.max_k}, from {'args' if args.max_k is not None else 'the adapter config'}) must be "
-                f">= min_k ({args.min_k}). Set max_k in MaskTokTrainingConfig or MaskTokConfig, or lower min_k."
-            )
-        if args.layout == "packed" and args.region_size <= self.max_k - 1:
-            raise MaskTokError(
-                f"region_size ({args.region_size}) must be larger than max_k - 1 ({self.max_k - 1}) so that each "
-                "region keeps at least one real token. Raise region_size or lower max_k."
-            )
-        if args.layout == "cached" and not adapter_config.gated:
-            raise MaskTokError(
-                "layout='cached' needs an adapter with gated=True: only then do the real tokens see exactly the base "
-                "model, so one text pass serves student and teacher. Use layout='packed' or MaskTokConfig(gated=True)."
-            )
 
     @staticmethod
     def _build_on_policy_text(model, tokenizer, train_dataset, args: MaskTokTrainingConfig) -> Dataset:
