@@ -366,15 +366,19 @@ def _find_section(text: str, path: Path, name: str) -> tuple[int, int] | None:
     return begin, end + len(end_marker)
 
 
-def check_docs_file(docs_file: str | os.PathLike, name: str = DEFAULT_DOCS_SECTION) -> None:
-    """Check that `update_docs` can write section `name` into this file, so that a long run fails before it starts."""
-    path = Path(docs_file)
+def _read_docs_file(path: Path) -> str:
+    """Return the text of a docs file, or "" if it does not exist yet. Raises if it cannot be a docs file."""
     if path.is_dir():
         raise ValueError(f"The docs file {path} is a folder. Pass a Markdown file, such as {path / 'benchmarks.md'}.")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"The folder of the docs file {path} does not exist. Create it, or pass another file.")
-    if path.exists():
-        _find_section(path.read_text(encoding="utf-8"), path, name)
+    return path.read_text(encoding="utf-8") if path.exists() else ""
+
+
+def check_docs_file(docs_file: str | os.PathLike, name: str = DEFAULT_DOCS_SECTION) -> None:
+    """Check that `update_docs` can write section `name` into this file, so that a long run fails before it starts."""
+    path = Path(docs_file)
+    _find_section(_read_docs_file(path), path, name)
 
 
 def update_docs(docs_file: str | os.PathLike, section: str, name: str = DEFAULT_DOCS_SECTION) -> Path:
@@ -383,10 +387,9 @@ def update_docs(docs_file: str | os.PathLike, section: str, name: str = DEFAULT_
     Other sections are left alone. A file without the markers gets them, with the section, appended
     at its end. A missing file is created.
     """
-    check_docs_file(docs_file, name)
     begin_marker, end_marker = docs_markers(name)
     path = Path(docs_file)
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    text = _read_docs_file(path)
     block = f"{begin_marker}\n{section.rstrip()}\n{end_marker}"
     found = _find_section(text, path, name)
     if found is not None:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from trl import SFTConfig
 
 from ..errors import MaskTokError
+
+if TYPE_CHECKING:
+    from ..config import MaskTokConfig
 
 OBJECTIVES = ("hard", "soft", "ground_truth")
 LAYOUTS = ("packed", "cached")
@@ -251,7 +255,7 @@ class MaskTokTrainingConfig(SFTConfig):
         if not _is_number(self.on_policy_top_p) or not 0.0 < self.on_policy_top_p <= 1.0:
             raise MaskTokError(f"on_policy_top_p must be in (0, 1], got {self.on_policy_top_p!r}.")
 
-    def resolve_block_settings(self, adapter_config) -> tuple[int, float]:
+    def resolve_block_settings(self, adapter_config: MaskTokConfig) -> tuple[int, float]:
         """Return (max_k, threshold), taking each from `adapter_config` where unset here, and check them."""
         max_k = self.max_k if self.max_k is not None else adapter_config.max_k
         threshold = self.threshold if self.threshold is not None else adapter_config.threshold
